@@ -1,0 +1,23 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file
+/// Umbrella header: everything OSCAR offers on the host.
+#pragma once
+
+#include "oscar/version.hpp"
+
+#include "oscar/core/bitpack.hpp"
+#include "oscar/core/error.hpp"
+#include "oscar/core/hadamard.hpp"
+#include "oscar/core/macros.hpp"
+#include "oscar/core/numeric.hpp"
+#include "oscar/core/view.hpp"
+
+#include "oscar/quant/codebook.hpp"
+#include "oscar/quant/config.hpp"
+#include "oscar/quant/float_formats.hpp"
+#include "oscar/quant/format_traits.hpp"
+#include "oscar/quant/formats.hpp"
+#include "oscar/quant/fpq.hpp"
+#include "oscar/quant/llama_formats.hpp"
+#include "oscar/quant/scale.hpp"
+#include "oscar/quant/tensor.hpp"
