@@ -7,6 +7,7 @@
 /// element of largest magnitude `m` (first on ties), `d = m / -8`, and stores
 /// `min(15, trunc(x / d + 8.5))`, decoding `(q - 8) * d`. One difference: q4_0 nibbles use
 /// OSCAR's packing (element `2j` low nibble, `2j + 1` high nibble), not ggml's split halves.
+/// Like every OSCAR format, a scale beyond fp16's range saturates to 65504 instead of Inf.
 #pragma once
 
 #include <cstddef>
@@ -17,6 +18,7 @@
 #include "oscar/core/macros.hpp"
 #include "oscar/core/numeric.hpp"
 #include "oscar/quant/format_traits.hpp"
+#include "oscar/quant/scale.hpp"
 
 namespace oscar::quant {
 
@@ -78,7 +80,7 @@ struct format_traits<q8_0> : detail::llama_traits_base<block_q8_0> {
       }
       const float d = amax / 127.0f;
       const float id = d != 0.0f ? 1.0f / d : 0.0f;
-      out[b].d = half(d);
+      out[b].d = half(clamp_finite(d, 65504.0f));  // saturate, never Inf
       for (int i = 0; i < group; ++i) {
         out[b].qs[i] = static_cast<std::int8_t>(detail::round_half_away(v[i] * id));
       }
@@ -113,7 +115,7 @@ struct format_traits<q4_0> : detail::llama_traits_base<block_q4_0> {
       }
       const float d = max / -8.0f;
       const float id = d != 0.0f ? 1.0f / d : 0.0f;
-      out[b].d = half(d);
+      out[b].d = half(clamp_finite(d, 65504.0f));  // saturate, never Inf
       std::uint8_t codes[32];
       for (int i = 0; i < group; ++i) {
         const int q = static_cast<int>(v[i] * id + 8.5f);
