@@ -11,7 +11,6 @@
 /// Device code never throws; kernels report status codes instead.
 #pragma once
 
-#include <source_location>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -59,12 +58,15 @@ std::string concat(const Parts&... parts) {
   return out.str();
 }
 
+/// Throws `oscar::error`. The defaults capture the caller's location; the builtins work on
+/// every compiler OSCAR supports (std::source_location needs clang >= 15 with libstdc++).
 [[noreturn]] inline void fail(errc code, const std::string& what,
-                              std::source_location where = std::source_location::current()) {
-  std::string file = where.file_name();
+                              const char* function = __builtin_FUNCTION(),
+                              const char* file_name = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  std::string file = file_name;
   if (auto pos = file.rfind("/oscar/"); pos != std::string::npos) file = file.substr(pos + 1);
-  throw error(code, concat("oscar: ", what, "\n  in ", where.function_name(), " at ", file, ":",
-                           where.line()));
+  throw error(code, concat("oscar: ", what, "\n  in ", function, " at ", file, ":", line));
 }
 
 }  // namespace detail
