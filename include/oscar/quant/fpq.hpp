@@ -309,11 +309,12 @@ struct format_traits<fpq<C>> {
         scale = round_scale(amax * ratio / level_max, p);
       }
       thresholds(scale, zero, t);
+      float decoded[levels];
+      for (int j = 0; j < levels; ++j) decoded[j] = dequant(scale, zero, j);
       float error = 0.0f;
-      for (int i = 0; i < C.group; ++i) {
-        if (is_outlier[i]) continue;
-        const float d = v[i] - dequant(scale, zero, nearest_code(v[i], t));
-        error += d * d;
+      for (int i = 0; i < C.group; ++i) {  // branch-free so the compiler can vectorize it
+        const float d = v[i] - decoded[nearest_code(v[i], t)];
+        error += is_outlier[i] ? 0.0f : d * d;
       }
       if (k == 0 || error < best_error) {
         best_scale = scale;
