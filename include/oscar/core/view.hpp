@@ -83,7 +83,7 @@ struct kv_view {
 
   /// Tokens `[first, first + count)` of this view.
   [[nodiscard]] kv_view slice_tokens(index_t first, index_t count) const {
-    OSCAR_CHECK_ARG(first >= 0 && count >= 0 && first + count <= tokens, first,
+    OSCAR_CHECK_ARG(first >= 0 && count >= 0 && first <= tokens && count <= tokens - first, first,
                     detail::concat("a token range [first, first + count) inside [0, ", tokens,
                                    "); count = ", count));
     kv_view out = *this;
@@ -93,23 +93,48 @@ struct kv_view {
   }
 };
 
-/// Makes a validated strided view. Shapes must be positive (tokens may be 0), strides must not
-/// make two elements alias: either heads are nested in tokens (`head_stride >= head_dim` and
-/// `token_stride >= heads * head_stride`) or tokens in heads (the other way round).
+namespace detail {
+
+/// `a * b <= c` for non-negative values, without overflow.
+constexpr bool product_at_most(index_t a, index_t b, index_t c) noexcept {
+  return b == 0 || a <= c / b;
+}
+
+/// True when no two elements of `[tokens, heads, head_dim]` with these strides share an address:
+/// the dimension with the smaller stride must step over whole head vectors, and the one with the
+/// larger stride over everything the smaller one spans. Dimensions of extent 1 never alias.
+constexpr bool strides_do_not_alias(index_t tokens, index_t heads, index_t head_dim,
+                                    index_t token_stride, index_t head_stride) noexcept {
+  if (token_stride < 0 || head_stride < 0) return false;
+  const bool many_tokens = tokens > 1, many_heads = heads > 1;
+  if (!many_tokens && !many_heads) return true;
+  if (many_tokens != many_heads) return (many_tokens ? token_stride : head_stride) >= head_dim;
+  const bool heads_inner = head_stride <= token_stride;
+  const index_t inner_count = heads_inner ? heads : tokens;
+  const index_t inner_stride = heads_inner ? head_stride : token_stride;
+  const index_t outer_stride = heads_inner ? token_stride : head_stride;
+  return inner_stride >= head_dim && product_at_most(inner_count, inner_stride, outer_stride);
+}
+
+}  // namespace detail
+
+/// Makes a validated strided view. Shapes must be positive (tokens may be 0), and strides must
+/// not make two elements alias (`detail::strides_do_not_alias`): heads nested in tokens
+/// (`head_stride >= head_dim`, `token_stride >= heads * head_stride`), tokens nested in heads,
+/// or any strides for a dimension of extent 1.
 template <class T>
 kv_view<T> make_kv_view(T* data, index_t tokens, index_t heads, index_t head_dim,
                         index_t token_stride, index_t head_stride) {
   OSCAR_CHECK_ARG(tokens >= 0, tokens, ">= 0");
   OSCAR_CHECK_ARG(heads >= 1, heads, ">= 1");
   OSCAR_CHECK_ARG(head_dim >= 1, head_dim, ">= 1");
-  OSCAR_CHECK_ARG(data != nullptr || tokens == 0, static_cast<const void*>(data),
-                  "a non-null pointer when tokens > 0");
-  const bool tokens_outer = head_stride >= head_dim && token_stride >= heads * head_stride;
-  const bool heads_outer = token_stride >= head_dim && head_stride >= tokens * token_stride;
-  OSCAR_CHECK_ARG(tokens_outer || heads_outer || tokens <= 1, token_stride,
-                  detail::concat("strides that do not alias: head_stride >= head_dim (", head_dim,
-                                 ") and token_stride >= heads * head_stride (", heads, " * ",
-                                 head_stride, "), or the transposed nesting"));
+  OSCAR_CHECK(data != nullptr || tokens == 0, errc::invalid_argument,
+              "data = nullptr is not allowed (allowed: a non-null pointer when tokens > 0)");
+  OSCAR_CHECK(detail::strides_do_not_alias(tokens, heads, head_dim, token_stride, head_stride),
+              errc::invalid_argument, "token_stride = ", token_stride, " with head_stride = ",
+              head_stride, " for shape [", tokens, ", ", heads, ", ", head_dim,
+              "] is not allowed (allowed: strides that do not alias: head_stride >= head_dim "
+              "and token_stride >= heads * head_stride, or the transposed nesting)");
   return {data, tokens, heads, head_dim, token_stride, head_stride};
 }
 
