@@ -268,8 +268,12 @@ class kv_cache {
           e.slots.push_back(block_slot{t, pool(t).allocate(), {}});
           target = &e.slots.back();
         }
-        age_out_chunk(e, *target, scratch);
+        age_out_chunk(e, *target, c * chunk_, scratch);
       }
+      // The aged-out rows leave the window in one move.
+      const std::size_t aged = static_cast<std::size_t>(p.chunks * chunk_) * config_.head_dim;
+      e.window_k.erase(e.window_k.begin(), e.window_k.begin() + static_cast<std::ptrdiff_t>(aged));
+      e.window_v.erase(e.window_v.begin(), e.window_v.begin() + static_cast<std::ptrdiff_t>(aged));
     }
   }
 
@@ -625,29 +629,32 @@ class kv_cache {
     slot.id = fresh;
   }
 
-  /// Quantizes the window's oldest chunk into `slot` (which has room) and drops it from the
-  /// window; calibrates the tier's per-head metadata on first use.
-  void age_out_chunk(entry& e, block_slot& slot, std::vector<float>& scratch) {
+  /// Quantizes the chunk at window row `first` into `slot` (which has room). Rows before
+  /// `first` have already aged out (the caller erases them afterwards), so the window "at this
+  /// moment" is rows [first, end). Calibrates the tier's per-head metadata on first use.
+  void age_out_chunk(entry& e, block_slot& slot, index_t first, std::vector<float>& scratch) {
     switch (slot.level) {
-      case tier::full: age_out_chunk_in<0>(e, slot, scratch); break;
-      case tier::mid: age_out_chunk_in<1>(e, slot, scratch); break;
-      case tier::low: age_out_chunk_in<2>(e, slot, scratch); break;
+      case tier::full: age_out_chunk_in<0>(e, slot, first, scratch); break;
+      case tier::mid: age_out_chunk_in<1>(e, slot, first, scratch); break;
+      case tier::low: age_out_chunk_in<2>(e, slot, first, scratch); break;
     }
   }
 
   template <int I>
-  void age_out_chunk_in(entry& e, block_slot& slot, std::vector<float>& scratch) {
+  void age_out_chunk_in(entry& e, block_slot& slot, index_t first, std::vector<float>& scratch) {
     using KV = tier_format<I>;
     using K = quant::format_traits<typename KV::key>;
     using V = quant::format_traits<typename KV::value>;
     const int d = config_.head_dim;
     const detail::tier_layout& lay = layouts_[I];
     auto& params = std::get<I>(e.params);
+    const auto window_k = std::span<const half>(e.window_k).subspan(static_cast<std::size_t>(first * d));
+    const auto window_v = std::span<const half>(e.window_v).subspan(static_cast<std::size_t>(first * d));
     if (!params.calibrated) {
-      const int window = static_cast<int>(window_size(e));
-      to_floats(e.window_k, scratch);
+      const int window = static_cast<int>(window_size(e) - first);
+      to_floats(window_k, scratch);
       params.key = K::calibrate(scratch.data(), window, d);
-      to_floats(e.window_v, scratch);
+      to_floats(window_v, scratch);
       params.value = V::calibrate(scratch.data(), window, d);
       params.calibrated = true;
     }
@@ -655,20 +662,18 @@ class kv_cache {
     const int fill = p.fill(slot.id);
     std::byte* block = p.data(slot.id);
     // Keys, then values: the chunk's first `chunk_` rows of the window, as floats.
-    to_floats(std::span(e.window_k).first(static_cast<std::size_t>(chunk_) * d), scratch);
+    to_floats(window_k.first(static_cast<std::size_t>(chunk_) * d), scratch);
     for (int t = 0; t < chunk_; t += lay.key_tile_tokens) {
       auto* out = reinterpret_cast<typename K::block*>(
           block + ((fill + t) / lay.key_tile_tokens) * lay.key_tile_bytes);
       K::encode_tile(scratch.data() + t * d, d, params.key, out);
     }
-    to_floats(std::span(e.window_v).first(static_cast<std::size_t>(chunk_) * d), scratch);
+    to_floats(window_v.first(static_cast<std::size_t>(chunk_) * d), scratch);
     for (int t = 0; t < chunk_; t += lay.value_tile_tokens) {
       auto* out = reinterpret_cast<typename V::block*>(
           block + lay.key_bytes + ((fill + t) / lay.value_tile_tokens) * lay.value_tile_bytes);
       V::encode_tile(scratch.data() + t * d, d, params.value, out);
     }
-    e.window_k.erase(e.window_k.begin(), e.window_k.begin() + chunk_ * d);
-    e.window_v.erase(e.window_v.begin(), e.window_v.begin() + chunk_ * d);
     for (int t = 0; t < chunk_; ++t) slot.valid.set(static_cast<std::size_t>(fill + t));
     p.set_fill(slot.id, fill + chunk_);
     update_summary<I>(slot.id, e, fill, fill + chunk_, scratch);
