@@ -37,18 +37,7 @@
 
 #include "oscar/quant/formats.hpp"
 
-// nvcc (CUDA 13.0) warns #554-D on kv_view's `operator kv_view<const T>()` (core/view.hpp) when
-// kv_view<const float> is instantiated, ignoring its `requires(!std::is_const_v<T>)`; the
-// operator is correctly constrained away, so the warning (an error under -Werror) is silenced
-// for this include only.
-#if defined(__NVCC__)
-#pragma nv_diagnostic push
-#pragma nv_diag_suppress 554
-#endif
 #include "oscar/testing/synthetic_kv.hpp"
-#if defined(__NVCC__)
-#pragma nv_diagnostic pop
-#endif
 
 namespace q = oscar::quant;
 

@@ -74,10 +74,11 @@ struct kv_view {
     return tokens * heads * head_dim;
   }
 
-  /// A read-only view of the same data.
-  OSCAR_HD_INLINE operator kv_view<const T>() const noexcept  // NOLINT: implicit by design
-    requires(!std::is_const_v<T>)
-  {
+  /// A read-only view of the same data. (A template, so that `kv_view<const T>` declares no
+  /// conversion to itself, which nvcc warns about even when constrained away.)
+  template <class U = T>
+    requires(!std::is_const_v<U>)
+  OSCAR_HD_INLINE operator kv_view<const U>() const noexcept {  // NOLINT: implicit by design
     return {data, tokens, heads, head_dim, token_stride, head_stride};
   }
 

@@ -15,6 +15,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "oscar/core/macros.hpp"
 #include "oscar/quant/config.hpp"
 
 namespace oscar::quant {
@@ -53,14 +54,14 @@ concept tensor_format = requires(const float* x, float* y, int head_dim,
 
 /// Tokens encoded together in one tile.
 template <tensor_format F>
-constexpr int tokens_per_tile() noexcept {
+OSCAR_HD_INLINE constexpr int tokens_per_tile() noexcept {
   return format_traits<F>::axis == group_axis::tokens ? format_traits<F>::group : 1;
 }
 
 /// Blocks in one tile for a given head_dim (the tile holds `tokens_per_tile * head_dim`
 /// elements, `group` per block).
 template <tensor_format F>
-constexpr int blocks_per_tile(int head_dim) noexcept {
+OSCAR_HD_INLINE constexpr int blocks_per_tile(int head_dim) noexcept {
   return tokens_per_tile<F>() * head_dim / format_traits<F>::group;
 }
 
