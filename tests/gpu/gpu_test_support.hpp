@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <stdexcept>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -141,6 +142,24 @@ inline constexpr unsigned threads_per_block = 256;
 inline unsigned blocks_for(std::size_t n) {
   const std::size_t blocks = (n + threads_per_block - 1) / threads_per_block;
   return static_cast<unsigned>(std::clamp<std::size_t>(blocks, 1, 8192));
+}
+
+/// Exit status meaning "no GPU here": CTest reports the test as skipped.
+inline constexpr int no_device_exit_code = 77;
+
+/// Prints device 0's name and returns true, or prints why there is none and returns false.
+inline bool announce_device() {
+  int devices = 0;
+  const gpu::error_t status = gpu::device_count(&devices);
+  if (status != gpu::success || devices == 0) {
+    std::printf("SKIPPED: no GPU device (%s)\n",
+                status != gpu::success ? gpu::error_string(status) : "device count is 0");
+    return false;
+  }
+  std::string name;
+  CHECK_GPU(gpu::device_name(0, name));
+  std::printf("device 0: %s\n", name.c_str());
+  return true;
 }
 
 }  // namespace gpu_test

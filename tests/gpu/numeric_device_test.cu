@@ -359,16 +359,7 @@ void check_rotation(report& r, int n) {
 
 int main() {
   try {
-    int devices = 0;
-    const gpu::error_t status = gpu::device_count(&devices);
-    if (status != gpu::success || devices == 0) {
-      std::printf("SKIPPED: no GPU device (%s)\n",
-                  status != gpu::success ? gpu::error_string(status) : "device count is 0");
-      return 77;
-    }
-    std::string name;
-    CHECK_GPU(gpu::device_name(0, name));
-    std::printf("device 0: %s\n", name.c_str());
+    if (!gpu_test::announce_device()) return gpu_test::no_device_exit_code;
 
     report r;
     check_all_patterns<half_format>(r);

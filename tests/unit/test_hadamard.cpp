@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "support.hpp"
 #include "oscar/core/error.hpp"
 #include "oscar/core/hadamard.hpp"
 
@@ -101,15 +102,7 @@ double max_abs_diff(const std::vector<float>& got, const std::vector<double>& wa
   return worst;
 }
 
-template <class F>
-std::optional<oscar::error> error_from(F&& f) {
-  try {
-    f();
-  } catch (const oscar::error& e) {
-    return e;
-  }
-  return std::nullopt;
-}
+using oscar_test::error_from;
 
 // Float rounding budget: log2(n) butterfly stages plus signs and the final scale, each adding at
 // most ~1 float ulp of the running magnitude; 1e-6 * ||x|| is well above that (observed errors

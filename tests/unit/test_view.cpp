@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "support.hpp"
 #include "oscar/core/error.hpp"
 #include "oscar/core/view.hpp"
 
@@ -72,15 +73,7 @@ void check_codes(const oscar::kv_view<T>& v, index_t token_offset = 0) {
   CHECK(seen == static_cast<std::size_t>(v.elements()));
 }
 
-template <class F>
-std::optional<oscar::error> error_from(F&& f) {
-  try {
-    f();
-  } catch (const oscar::error& e) {
-    return e;
-  }
-  return std::nullopt;
-}
+using oscar_test::error_from;
 
 /// Asserts that `f` throws oscar::error(invalid_argument) whose message contains each fragment.
 template <class F>
