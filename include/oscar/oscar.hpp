@@ -5,6 +5,12 @@
 
 #include "oscar/version.hpp"
 
+#include "oscar/cache/allocator.hpp"
+#include "oscar/cache/block_pool.hpp"
+#include "oscar/cache/config.hpp"
+#include "oscar/cache/kv_cache.hpp"
+#include "oscar/cache/serialize.hpp"
+
 #include "oscar/core/bitpack.hpp"
 #include "oscar/core/error.hpp"
 #include "oscar/core/hadamard.hpp"
