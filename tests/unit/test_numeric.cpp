@@ -692,3 +692,32 @@ TEST_CASE("fp8 e4m3: never produces NaN from a non-NaN input", "[numeric][fp8]")
   INFO(bad.examples);
   CHECK(bad.count == 0);
 }
+
+TEST_CASE("fp16: rounding toward -Inf and +Inf gives the nearest bounds", "[numeric]") {
+  // Reference: every finite half value (and +-Inf) in increasing order, searched directly.
+  std::vector<double> values;
+  for (std::uint32_t b = 0; b < 0x10000u; ++b) {
+    const auto h = static_cast<std::uint16_t>(b);
+    if ((h & 0x7fffu) > 0x7c00u || h == 0x8000u) continue;  // NaN; -0 equals +0
+    values.push_back(static_cast<double>(oscar::half_bits_to_float(h)));
+  }
+  std::sort(values.begin(), values.end());
+  std::mt19937 rng(99);
+  std::uniform_int_distribution<int> exponent(-30, 17);
+  std::uniform_real_distribution<double> mantissa(-2.0, 2.0);
+  int bad = 0;
+  for (int i = 0; i < 200000; ++i) {
+    const float x = i < 65536 ? oscar::half_bits_to_float(static_cast<std::uint16_t>(i))
+                              : static_cast<float>(std::ldexp(mantissa(rng), exponent(rng)));
+    if (std::isnan(x)) continue;
+    const double want_down = *(std::upper_bound(values.begin(), values.end(), double(x)) - 1);
+    const double want_up = *std::lower_bound(values.begin(), values.end(), double(x));
+    const double down = oscar::half_bits_to_float(oscar::float_to_half_bits_down(x));
+    const double up = oscar::half_bits_to_float(oscar::float_to_half_bits_up(x));
+    bad += (down != want_down) + (up != want_up);
+  }
+  CHECK(bad == 0);
+  CHECK(std::isnan(oscar::half_bits_to_float(oscar::float_to_half_bits_down(NAN))));
+  CHECK(oscar::float_to_half_bits_up(1e9f) == 0x7c00u);    // beyond 65504: +Inf bounds it
+  CHECK(oscar::float_to_half_bits_down(1e9f) == 0x7bffu);  // 65504 is the largest below
+}

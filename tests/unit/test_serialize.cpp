@@ -104,8 +104,10 @@ std::vector<std::uint32_t> bits_of(const std::vector<float>& x) {
   for (std::size_t i = 0; i < x.size(); ++i) out[i] = std::bit_cast<std::uint32_t>(x[i]);
   return out;
 }
-std::vector<std::uint32_t> bits_of(std::span<const float> x) {
-  return bits_of(std::vector<float>(x.begin(), x.end()));
+std::vector<std::uint32_t> bits_of(std::span<const oscar::half> x) {
+  std::vector<std::uint32_t> out(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) out[i] = x[i].bits;
+  return out;
 }
 
 /// Everything observable about some sequences of a cache, bit-exact: gathered K/V, block

@@ -7,7 +7,9 @@
 /// `block_bytes` opaque bytes plus its metadata, kept in parallel arrays:
 /// - `fill(id)`: tokens written into the block so far;
 /// - `key_min(id)`, `key_max(id)`: per channel, the smallest and largest decoded key value of
-///   those tokens (as in Quest), so attention can bound `q . k` for the whole block.
+///   those tokens (as in Quest), so attention can bound `q . k` for the whole block. Stored in
+///   fp16 rounded outward (min toward -Inf, max toward +Inf), so they remain valid bounds at
+///   half the memory: 2 * 2 * head_dim bytes per block.
 #pragma once
 
 #include <cstddef>
@@ -20,6 +22,7 @@
 
 #include "oscar/cache/allocator.hpp"
 #include "oscar/core/error.hpp"
+#include "oscar/core/numeric.hpp"
 
 namespace oscar::cache {
 
@@ -42,7 +45,7 @@ class block_pool {
     if (capacity_ > 0) data_ = static_cast<std::byte*>(allocator_.allocate(block_bytes_ * capacity_));
     refcount_.assign(capacity_, 0);
     fill_.assign(capacity_, 0);
-    summary_.assign(capacity_ * 2 * static_cast<std::size_t>(channels_), 0.0f);
+    summary_.assign(capacity_ * 2 * static_cast<std::size_t>(channels_), half(0.0f));
     free_.reserve(capacity_);
     for (std::size_t i = capacity_; i-- > 0;) free_.push_back(static_cast<block_id>(i));
   }
@@ -58,8 +61,9 @@ class block_pool {
   [[nodiscard]] std::size_t free_blocks() const noexcept { return free_.size(); }
   [[nodiscard]] std::size_t used_blocks() const noexcept { return capacity_ - free_.size(); }
 
-  /// Takes a block off the free list with reference count 1 and fill 0. Callers check
-  /// `free_blocks()` first; an empty pool here is a logic error reported as out_of_memory.
+  /// Takes a block off the free list with reference count 1, fill 0 and zeroed bytes (so no
+  /// data of a freed sequence survives in it). Callers check `free_blocks()` first; an empty
+  /// pool here is a logic error reported as out_of_memory.
   block_id allocate() {
     OSCAR_CHECK(!free_.empty(), errc::out_of_memory, "block pool of ", capacity_,
                 " blocks is full");
@@ -67,6 +71,7 @@ class block_pool {
     free_.pop_back();
     refcount_[id] = 1;
     fill_[id] = 0;
+    std::memset(data(id), 0, block_bytes_);
     return id;
   }
 
@@ -80,35 +85,52 @@ class block_pool {
   [[nodiscard]] std::uint32_t refcount(block_id id) const noexcept { return refcount_[id]; }
   [[nodiscard]] bool shared(block_id id) const noexcept { return refcount_[id] > 1; }
 
-  [[nodiscard]] std::byte* data(block_id id) noexcept { return data_ + id * block_bytes_; }
+  [[nodiscard]] std::byte* data(block_id id) noexcept { return data_ + std::size_t{id} * block_bytes_; }
   [[nodiscard]] const std::byte* data(block_id id) const noexcept {
-    return data_ + id * block_bytes_;
+    return data_ + std::size_t{id} * block_bytes_;
   }
 
   [[nodiscard]] int fill(block_id id) const noexcept { return fill_[id]; }
   void set_fill(block_id id, int tokens) noexcept { fill_[id] = tokens; }
 
-  [[nodiscard]] std::span<float> key_min(block_id id) noexcept {
-    return {summary_.data() + id * 2 * channels_, static_cast<std::size_t>(channels_)};
+  /// Per-channel lower bound of the block's decoded keys (fp16, rounded toward -Inf).
+  [[nodiscard]] std::span<const half> key_min(block_id id) const noexcept {
+    return {summary_.data() + summary_offset(id), channel_count()};
   }
-  [[nodiscard]] std::span<float> key_max(block_id id) noexcept {
-    return {summary_.data() + (id * 2 + 1) * channels_, static_cast<std::size_t>(channels_)};
+  /// Per-channel upper bound of the block's decoded keys (fp16, rounded toward +Inf).
+  [[nodiscard]] std::span<const half> key_max(block_id id) const noexcept {
+    return {summary_.data() + summary_offset(id) + channel_count(), channel_count()};
   }
-  [[nodiscard]] std::span<const float> key_min(block_id id) const noexcept {
-    return {summary_.data() + id * 2 * channels_, static_cast<std::size_t>(channels_)};
+  /// Stores per-channel bounds `lo`/`hi` (head_dim floats each), rounded outward to fp16.
+  void set_key_bounds(block_id id, std::span<const float> lo, std::span<const float> hi) noexcept {
+    half* out = summary_.data() + summary_offset(id);
+    for (std::size_t c = 0; c < channel_count(); ++c) {
+      out[c] = half::from_bits(float_to_half_bits_down(lo[c]));
+      out[channel_count() + c] = half::from_bits(float_to_half_bits_up(hi[c]));
+    }
   }
-  [[nodiscard]] std::span<const float> key_max(block_id id) const noexcept {
-    return {summary_.data() + (id * 2 + 1) * channels_, static_cast<std::size_t>(channels_)};
+  /// Bytes of key summary per block.
+  [[nodiscard]] std::size_t summary_bytes() const noexcept {
+    return 2 * channel_count() * sizeof(half);
   }
 
   /// Copies bytes, fill and summary of `from` into `to` (copy-on-write).
   void copy_block(block_id from, block_id to) noexcept {
     std::memcpy(data(to), data(from), block_bytes_);
     fill_[to] = fill_[from];
-    std::memcpy(key_min(to).data(), key_min(from).data(), 2 * channels_ * sizeof(float));
+    std::memcpy(summary_.data() + summary_offset(to), summary_.data() + summary_offset(from),
+                summary_bytes());
   }
 
  private:
+  [[nodiscard]] std::size_t channel_count() const noexcept {
+    return static_cast<std::size_t>(channels_);
+  }
+  /// Start of block `id`'s [min, max] summary, in size_t so large pools cannot overflow.
+  [[nodiscard]] std::size_t summary_offset(block_id id) const noexcept {
+    return std::size_t{id} * 2 * channel_count();
+  }
+
   Allocator allocator_;
   std::size_t block_bytes_;
   std::size_t capacity_;
@@ -116,7 +138,7 @@ class block_pool {
   std::byte* data_ = nullptr;
   std::vector<std::uint32_t> refcount_;
   std::vector<int> fill_;
-  std::vector<float> summary_;  // per block: [min[channels], max[channels]]
+  std::vector<half> summary_;  // per block: [min[channels], max[channels]]
   std::vector<block_id> free_;  // a stack: the lowest ids come out first
 };
 

@@ -66,11 +66,15 @@ struct tier_budget {
 
 /// Memory of one tier's pool.
 struct tier_usage {
-  std::size_t block_bytes = 0;  ///< bytes per block (K and V of block_tokens tokens, padded)
-  std::size_t capacity = 0;     ///< blocks
-  std::size_t used = 0;         ///< blocks holding data (shared blocks count once)
-  std::size_t free = 0;         ///< blocks on the free list
-  [[nodiscard]] std::size_t bytes_used() const noexcept { return used * block_bytes; }
+  std::size_t block_bytes = 0;    ///< bytes per block (K and V of block_tokens tokens, padded)
+  std::size_t summary_bytes = 0;  ///< bytes of key min/max summary per block
+  std::size_t capacity = 0;       ///< blocks
+  std::size_t used = 0;           ///< blocks holding data (shared blocks count once)
+  std::size_t free = 0;           ///< blocks on the free list
+  /// Bytes of the used blocks, their summaries included.
+  [[nodiscard]] std::size_t bytes_used() const noexcept {
+    return used * (block_bytes + summary_bytes);
+  }
 };
 
 /// What the cache holds, for engines and benchmarks.
@@ -84,7 +88,8 @@ struct cache_usage {
     for (const tier_usage& t : tiers) total += t.bytes_used();
     return total;
   }
-  /// All-in bits per stored K or V element (blocks, padding, partial blocks, windows).
+  /// All-in bits per stored K or V element (blocks, summaries, padding, partial blocks,
+  /// windows).
   [[nodiscard]] double bits_per_element(int head_dim) const noexcept {
     return token_heads == 0 ? 0.0
                             : 8.0 * static_cast<double>(bytes_used()) /

@@ -56,6 +56,7 @@
 #include "oscar/core/view.hpp"
 #include "oscar/quant/format_traits.hpp"
 #include "oscar/quant/formats.hpp"
+#include "oscar/quant/scale.hpp"
 #include "oscar/quant/tensor.hpp"
 
 namespace oscar::cache {
@@ -166,9 +167,9 @@ class kv_cache {
   /// A new sequence sharing every block of `parent` (copy-on-write); windows are copied.
   seq_id fork(seq_id parent) {
     sequence copy = find(parent);  // copies tables, windows and params
-    for (entry& e : copy.entries)
-      for (block_slot& s : e.slots) pool(s.level).retain(s.id);
     sequences_.emplace(next_id_, std::move(copy));
+    for (entry& e : sequences_.at(next_id_).entries)  // nothing below can throw
+      for (block_slot& s : e.slots) pool_mut(s.level).retain(s.id);
     return next_id_++;
   }
 
@@ -265,7 +266,7 @@ class kv_cache {
           }
         } else {
           const tier t = p.new_tiers[next_new++];
-          e.slots.push_back(block_slot{t, pool(t).allocate(), {}});
+          e.slots.push_back(block_slot{t, pool_mut(t).allocate(), {}});
           target = &e.slots.back();
         }
         age_out_chunk(e, *target, c * chunk_, scratch);
@@ -324,7 +325,7 @@ class kv_cache {
     }
     std::erase_if(e.slots, [&](const block_slot& s) {
       if (s.valid.any()) return false;
-      pool(s.level).release(s.id);
+      pool_mut(s.level).release(s.id);
       return true;
     });
   }
@@ -405,21 +406,21 @@ class kv_cache {
           block_id target = 0;
           if (reused < reusable[I].size()) {
             target = reusable[I][reused++];
-            pool(static_cast<tier>(I)).retain(target);
+            pool_mut(static_cast<tier>(I)).retain(target);
           } else {
-            target = pool(static_cast<tier>(I)).allocate();
+            target = pool_mut(static_cast<tier>(I)).allocate();
           }
           slots.push_back(block_slot{static_cast<tier>(I), target, {}});
-          pool(static_cast<tier>(I)).set_fill(target, 0);
+          pool_mut(static_cast<tier>(I)).set_fill(target, 0);
         }
         block_slot& dst = slots.back();
         const int c = static_cast<int>(i % per_block);
-        std::byte* block = pool(static_cast<tier>(I)).data(dst.id);
+        std::byte* block = pool_mut(static_cast<tier>(I)).data(dst.id);
         std::memcpy(block + c * key_chunk, &staging[i * chunk_bytes], key_chunk);
         std::memcpy(block + lay.key_bytes + c * value_chunk, &staging[i * chunk_bytes + key_chunk],
                     value_chunk);
         dst.valid |= chunks[I][i].valid << static_cast<std::size_t>(c * chunk_);
-        pool(static_cast<tier>(I)).set_fill(dst.id, (c + 1) * chunk_);
+        pool_mut(static_cast<tier>(I)).set_fill(dst.id, (c + 1) * chunk_);
       }
       for (block_slot& s : slots) {
         if (s.level == static_cast<tier>(I)) {
@@ -427,7 +428,7 @@ class kv_cache {
         }
       }
     });
-    for (const block_slot& s : e.slots) pool(s.level).release(s.id);
+    for (const block_slot& s : e.slots) pool_mut(s.level).release(s.id);
     e.slots = std::move(slots);
   }
 
@@ -475,8 +476,9 @@ class kv_cache {
   [[nodiscard]] cache_usage usage() const {
     cache_usage u;
     for (int t = 0; t < tier_count; ++t) {
-      u.tiers[t] = tier_usage{pools_[t]->block_bytes(), pools_[t]->capacity(),
-                              pools_[t]->used_blocks(), pools_[t]->free_blocks()};
+      u.tiers[t] = tier_usage{pools_[t]->block_bytes(), pools_[t]->summary_bytes(),
+                              pools_[t]->capacity(), pools_[t]->used_blocks(),
+                              pools_[t]->free_blocks()};
     }
     for (const auto& [id, seq] : sequences_) {
       for (const entry& e : seq.entries) {
@@ -535,7 +537,7 @@ class kv_cache {
     return lay;
   }
 
-  pool_type& pool(tier t) noexcept { return *pools_[static_cast<int>(t)]; }
+  pool_type& pool_mut(tier t) noexcept { return *pools_[static_cast<int>(t)]; }
 
   sequence& find(seq_id id) {
     auto it = sequences_.find(id);
@@ -606,9 +608,13 @@ class kv_cache {
     return -1;
   }
 
+  /// Appends one head vector as fp16, saturating at +-65504 like every OSCAR format: a finite
+  /// input never becomes Inf in the cache.
   template <class T>
   void push_row(std::vector<half>& dst, const T* row) const {
-    for (int d = 0; d < config_.head_dim; ++d) dst.push_back(half(static_cast<float>(row[d])));
+    for (int d = 0; d < config_.head_dim; ++d) {
+      dst.push_back(half(quant::clamp_finite(static_cast<float>(row[d]), 65504.0f)));
+    }
   }
   static void erase_row(std::vector<half>& x, index_t row, int d) {
     x.erase(x.begin() + row * d, x.begin() + (row + 1) * d);
@@ -619,13 +625,13 @@ class kv_cache {
 
   void release_all(sequence& seq) noexcept {
     for (entry& e : seq.entries)
-      for (block_slot& s : e.slots) pool(s.level).release(s.id);
+      for (block_slot& s : e.slots) pool_mut(s.level).release(s.id);
   }
 
   void copy_on_write(block_slot& slot) {
-    const block_id fresh = pool(slot.level).allocate();
-    pool(slot.level).copy_block(slot.id, fresh);
-    pool(slot.level).release(slot.id);
+    const block_id fresh = pool_mut(slot.level).allocate();
+    pool_mut(slot.level).copy_block(slot.id, fresh);
+    pool_mut(slot.level).release(slot.id);
     slot.id = fresh;
   }
 
@@ -658,7 +664,7 @@ class kv_cache {
       params.value = V::calibrate(scratch.data(), window, d);
       params.calibrated = true;
     }
-    pool_type& p = pool(slot.level);
+    pool_type& p = pool_mut(slot.level);
     const int fill = p.fill(slot.id);
     std::byte* block = p.data(slot.id);
     // Keys, then values: the chunk's first `chunk_` rows of the window, as floats.
@@ -700,21 +706,27 @@ class kv_cache {
     }
   }
 
-  /// Widens the block's key min/max with the decoded keys of tokens [from, to).
+  /// Widens the block's key bounds with the decoded keys of tokens [from, to); `from == 0`
+  /// starts them afresh. Rounding outward commutes with min/max, so the stored bounds are the
+  /// exact min/max of all the block's keys rounded outward, whatever the order of updates.
   template <int I>
   void update_summary(block_id id, const entry& e, int from, int to, std::vector<float>& scratch) {
-    pool_type& p = pool(static_cast<tier>(I));
+    pool_type& p = pool_mut(static_cast<tier>(I));
     decode_keys<I>(p.data(id), std::get<I>(e.params).key, from, to, scratch);
-    auto lo = p.key_min(id);
-    auto hi = p.key_max(id);
     const int d = config_.head_dim;
+    std::vector<float> lo(static_cast<std::size_t>(d)), hi(static_cast<std::size_t>(d));
+    for (int c = 0; c < d; ++c) {
+      lo[c] = from == 0 ? scratch[c] : static_cast<float>(p.key_min(id)[c]);
+      hi[c] = from == 0 ? scratch[c] : static_cast<float>(p.key_max(id)[c]);
+    }
     for (int t = 0; t < to - from; ++t) {
       for (int c = 0; c < d; ++c) {
         const float x = scratch[static_cast<std::size_t>(t) * d + c];
-        lo[c] = (from == 0 && t == 0) ? x : std::min(lo[c], x);
-        hi[c] = (from == 0 && t == 0) ? x : std::max(hi[c], x);
+        lo[c] = std::min(lo[c], x);
+        hi[c] = std::max(hi[c], x);
       }
     }
+    p.set_key_bounds(id, lo, hi);
   }
 
   void decode_block(const block_slot& s, const entry& e, std::vector<float>& k,

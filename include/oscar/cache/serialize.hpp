@@ -804,13 +804,13 @@ struct serializer {
       for (std::size_t i = 0; i < blocks.size(); ++i) {
         auto& e = seq.entries[i];
         for (const pending_block& b : blocks[i]) {
-          auto& pool = cache.pool(b.level);
+          auto& pool = cache.pool_mut(b.level);
           const block_id id = pool.allocate();
           taken.emplace_back(b.level, id);
           std::memcpy(pool.data(id), bytes.data() + b.offset, pool.block_bytes());
           pool.set_fill(id, b.fill);
-          std::memcpy(pool.key_min(id).data(), summaries.data() + b.summary, d * sizeof(float));
-          std::memcpy(pool.key_max(id).data(), summaries.data() + b.summary + d, d * sizeof(float));
+          pool.set_key_bounds(id, std::span(summaries.data() + b.summary, d),
+                              std::span(summaries.data() + b.summary + d, d));
           e.slots.push_back(block_slot{b.level, id, b.valid});
         }
       }
@@ -819,7 +819,7 @@ struct serializer {
       ++cache.next_id_;
       return id;
     } catch (...) {
-      for (const auto& [level, id] : taken) cache.pool(level).release(id);
+      for (const auto& [level, id] : taken) cache.pool_mut(level).release(id);
       throw;
     }
   }

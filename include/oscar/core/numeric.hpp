@@ -72,6 +72,23 @@ OSCAR_HD_INLINE constexpr float half_bits_to_float(std::uint16_t h) noexcept {
   return detail::bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
+/// The largest binary16 value <= x (round toward -Inf; NaN stays NaN). Bounds stored in fp16
+/// with this and `float_to_half_bits_up` still bound the floats they were made from.
+OSCAR_HD_INLINE constexpr std::uint16_t float_to_half_bits_down(float f) noexcept {
+  const std::uint16_t h = float_to_half_bits(f);
+  if ((h & 0x7fffu) > 0x7c00u || !(half_bits_to_float(h) > f)) return h;  // NaN, or already <= f
+  if (h == 0x0000u) return 0x8001u;                                      // +0 -> -smallest
+  return static_cast<std::uint16_t>((h & 0x8000u) ? h + 1u : h - 1u);
+}
+
+/// The smallest binary16 value >= x (round toward +Inf; NaN stays NaN).
+OSCAR_HD_INLINE constexpr std::uint16_t float_to_half_bits_up(float f) noexcept {
+  const std::uint16_t h = float_to_half_bits(f);
+  if ((h & 0x7fffu) > 0x7c00u || !(half_bits_to_float(h) < f)) return h;
+  if (h == 0x8000u) return 0x0001u;  // -0 -> +smallest
+  return static_cast<std::uint16_t>((h & 0x8000u) ? h - 1u : h + 1u);
+}
+
 // ---- bfloat16 ------------------------------------------------------------------------------
 
 /// float -> bfloat16 bits, round to nearest even; NaN stays (quiet) NaN.
