@@ -37,19 +37,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <iostream>
-#include <map>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <string_view>
 #include <vector>
 
-#if __has_include(<unistd.h>)
-#include <unistd.h>
-#define OSCAR_BENCH_HAVE_UNISTD 1
-#endif
-
+#include "bench_support.hpp"
 #include "oscar/cache/config.hpp"
 #include "oscar/cache/kv_cache.hpp"
 #include "oscar/core/numeric.hpp"
@@ -317,104 +311,36 @@ void register_all() {
 
 // ---- reporting -------------------------------------------------------------------------------
 
-/// Value of `--name=value` in argv, or "" when absent.
-std::string flag_value(int argc, char** argv, std::string_view name) {
-  const std::string prefix = "--" + std::string(name) + "=";
-  std::string value;
-  for (int i = 1; i < argc; ++i) {
-    if (std::string_view(argv[i]).starts_with(prefix)) value = argv[i] + prefix.size();
-  }
-  return value;
-}
-
-std::string cpu_model() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  for (std::string line; std::getline(cpuinfo, line);) {
-    if (line.starts_with("model name")) return line.substr(line.find(':') + 2);
-  }
-  return "unknown CPU";
-}
-
-std::string host_name() {
-#ifdef OSCAR_BENCH_HAVE_UNISTD
-  char name[256] = {};
-  if (gethostname(name, sizeof(name) - 1) == 0) return name;
-#endif
-  return "unknown host";
-}
-
-/// Wraps the reporter Google Benchmark would use for `--benchmark_format`, records every run's
-/// rates and counters, and prints the summary tables at the end (to stdout for the console
-/// format, to stderr for json/csv so machine-readable output stays clean).
-class summary_reporter : public benchmark::BenchmarkReporter {
+/// Prints the summary tables (append, gather, bytes at 128K) after the usual output.
+class cache_reporter : public oscar_bench::summary_reporter {
  public:
-  summary_reporter(std::unique_ptr<benchmark::BenchmarkReporter> inner, bool console)
-      : inner_(std::move(inner)), out_(console ? std::cout : std::cerr) {}
-
-  bool ReportContext(const Context& context) override {
-    out_ << "oscar cache_throughput on " << host_name() << ": " << cpu_model() << "; cache of 1 "
-         << "layer x " << kHeads << " KV heads x " << kHeadDim << ", blocks of " << kBlockTokens
-         << " tokens, " << kSinks << " sinks, window " << kWindow << "; " << kTokens
-         << " tokens per sequence, appended " << kCall << " at a time\n";
-    return inner_->ReportContext(context);
-  }
-
-  // Google Benchmark 1.7 flags a failed run with `error_occurred`; 1.8 renamed it `skipped`.
-  template <class R>
-  static bool failed(const R& run) {
-    if constexpr (requires { run.error_occurred; }) return run.error_occurred;
-    else return static_cast<bool>(run.skipped);
-  }
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    inner_->ReportRuns(runs);
-    for (const Run& run : runs) {
-      if (failed(run)) continue;
-      // With --benchmark_repetitions the median wins; otherwise the last iteration run.
-      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      if (run.run_type != Run::RT_Iteration && !median) continue;
-      entry& e = results_[run.run_name.function_name];
-      if (!median && e.from_median) continue;
-      e.from_median = median;
-      e.counters.clear();
-      for (const auto& [name, counter] : run.counters) e.counters[name] = counter.value;
-    }
-  }
-
-  void Finalize() override {
-    inner_->Finalize();
-    if (results_.empty()) return;
-    print_append();
-    print_gather();
-    print_bytes();
-    out_.flush();
-  }
+  using summary_reporter::summary_reporter;
 
  private:
-  struct entry {
-    std::map<std::string, double> counters;
-    bool from_median = false;
-  };
-
-  /// Counter `counter` of run `name`, or 0 when the run is missing (filtered out, failed).
-  double get(const std::string& name, const std::string& counter) const {
-    const auto it = results_.find(name);
-    if (it == results_.end()) return 0.0;
-    const auto c = it->second.counters.find(counter);
-    return c == it->second.counters.end() ? 0.0 : c->second;
+  void print_context(std::ostream& out) override {
+    out << "oscar cache_throughput on " << oscar_bench::host_name() << ": "
+        << oscar_bench::cpu_model() << "; cache of 1 layer x " << kHeads << " KV heads x "
+        << kHeadDim << ", blocks of " << kBlockTokens << " tokens, " << kSinks << " sinks, window "
+        << kWindow << "; " << kTokens << " tokens per sequence, appended " << kCall
+        << " at a time\n";
   }
-  bool has(const std::string& name) const { return results_.count(name) != 0; }
 
-  void print_append() {
+  void print_summary(std::ostream& out) override {
+    print_append(out);
+    print_gather(out);
+    print_bytes(out);
+  }
+
+  void print_append(std::ostream& out) const {
     if (!has("append/memcpy") && !has("append/fp16") && !has("append/fp2plus")) return;
     const double floor = get("append/memcpy", "bytes_per_second");
     char line[256];
-    out_ << "\nAppend: " << kTokens << " tokens of fp16 K and V (" << kInputBytes / (1 << 20)
-         << " MiB) per sequence in calls of " << kCall
-         << "; GB/s of fp16 input (1 GB = 1e9 bytes), CPU time\n";
+    out << "\nAppend: " << kTokens << " tokens of fp16 K and V (" << kInputBytes / (1 << 20)
+        << " MiB) per sequence in calls of " << kCall
+        << "; GB/s of fp16 input (1 GB = 1e9 bytes), CPU time\n";
     std::snprintf(line, sizeof(line), "%-16s %14s %10s %10s %12s %9s\n", "storage", "tokens/s",
                   "GB/s", "x memcpy", "ms/sequence", "bits/elt");
-    out_ << line;
+    out << line;
     for (const char* storage : {"memcpy", "fp16", "fp2plus"}) {
       const std::string name = std::string("append/") + storage;
       if (!has(name)) continue;
@@ -424,19 +350,19 @@ class summary_reporter : public benchmark::BenchmarkReporter {
       std::snprintf(line, sizeof(line), "%-16s %14.0f %10.3f %10.4f %12.1f %9.3f\n", storage,
                     tokens, rate / 1e9, floor > 0 ? rate / floor : 0.0,
                     tokens > 0 ? 1e3 * kTokens / tokens : 0.0, bits);
-      out_ << line;
+      out << line;
     }
   }
 
-  void print_gather() {
+  void print_gather(std::ostream& out) const {
     if (!has("gather/memcpy") && !has("gather/fp16") && !has("gather/fp2plus")) return;
     const double floor = get("gather/memcpy", "bytes_per_second");
     char line[256];
-    out_ << "\nGather: decode a " << kTokens << "-token sequence (8 heads) to fp32 K and V ("
-         << kGatherBytes / (1 << 20) << " MiB); GB/s of fp32 output, CPU time\n";
+    out << "\nGather: decode a " << kTokens << "-token sequence (8 heads) to fp32 K and V ("
+        << kGatherBytes / (1 << 20) << " MiB); GB/s of fp32 output, CPU time\n";
     std::snprintf(line, sizeof(line), "%-16s %10s %10s %12s %11s %11s\n", "storage", "GB/s",
                   "x memcpy", "ms/sequence", "K rel RMS", "V rel RMS");
-    out_ << line;
+    out << line;
     for (const char* storage : {"memcpy", "fp16", "fp2plus"}) {
       const std::string name = std::string("gather/") + storage;
       if (!has(name)) continue;
@@ -445,26 +371,25 @@ class summary_reporter : public benchmark::BenchmarkReporter {
                     rate / 1e9, floor > 0 ? rate / floor : 0.0,
                     rate > 0 ? 1e3 * static_cast<double>(kGatherBytes) / rate : 0.0,
                     get(name, "k_rel_rms"), get(name, "v_rel_rms"));
-      out_ << line;
+      out << line;
     }
   }
 
-  void print_bytes() {
+  void print_bytes(std::ostream& out) const {
     bool any = false;
     for (const bytes_format& f : bytes_formats()) any = any || has("bytes/" + f.name);
     if (!any) return;
     const double fp16 = get("bytes/fp16", "GB@80L");
     char line[256];
-    out_ << "\nKV cache at " << kLongTokens << " tokens, Llama-3-70B shape (" << kModelLayers
-         << " layers x " << kHeads << " KV heads x " << kHeadDim
-         << "): usage().bytes_used() of 1 real layer x " << kModelLayers
-         << "; 1 GB = 1e9 bytes\n";
-    out_ << "(all-in bits/elt: blocks, padding, the partial last block, fp16 sinks and window; "
-            "format = the key format's blocks alone)\n";
+    out << "\nKV cache at " << kLongTokens << " tokens, Llama-3-70B shape (" << kModelLayers
+        << " layers x " << kHeads << " KV heads x " << kHeadDim
+        << "): usage().bytes_used() of 1 real layer x " << kModelLayers << "; 1 GB = 1e9 bytes\n";
+    out << "(all-in bits/elt: blocks, padding, the partial last block, fp16 sinks and window; "
+           "format = the key format's blocks alone)\n";
     std::snprintf(line, sizeof(line), "%-10s %10s %10s %12s %10s %10s %12s %9s\n", "format",
                   "format b/e", "all-in b/e", "GB @ 128K", "x fp16", "fp16 / x", "KB/token",
                   "fill s");
-    out_ << line;
+    out << line;
     for (const bytes_format& f : bytes_formats()) {
       const std::string name = "bytes/" + f.name;
       if (!has(name)) continue;
@@ -475,59 +400,15 @@ class summary_reporter : public benchmark::BenchmarkReporter {
                     fp16 > 0 ? gb / fp16 : 0.0, gb > 0 && fp16 > 0 ? fp16 / gb : 0.0,
                     gb * 1e9 / static_cast<double>(kLongTokens) / 1e3,
                     tokens_per_s > 0 ? static_cast<double>(kLongTokens) / tokens_per_s : 0.0);
-      out_ << line;
+      out << line;
     }
-    if (fp16 <= 0) out_ << "(bytes/fp16 did not run, so the ratios read 0)\n";
+    if (fp16 <= 0) out << "(bytes/fp16 did not run, so the ratios read 0)\n";
   }
-
-  std::unique_ptr<benchmark::BenchmarkReporter> inner_;
-  std::ostream& out_;
-  std::map<std::string, entry> results_;
 };
-
-std::unique_ptr<summary_reporter> make_reporter(const std::string& format, bool color) {
-  if (format == "json") {
-    return std::make_unique<summary_reporter>(std::make_unique<benchmark::JSONReporter>(), false);
-  }
-  if (format == "csv") {  // deprecated in Google Benchmark, but still a documented flag value
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-#endif
-    return std::make_unique<summary_reporter>(std::make_unique<benchmark::CSVReporter>(), false);
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
-  }
-  const auto options =
-      color ? benchmark::ConsoleReporter::OO_ColorTabular : benchmark::ConsoleReporter::OO_Tabular;
-  return std::make_unique<summary_reporter>(std::make_unique<benchmark::ConsoleReporter>(options),
-                                            true);
-}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   // Default to 0.5 s per benchmark (a few iterations of the slowest rows); an explicit flag wins.
-  std::vector<char*> args(argv, argv + argc);
-  std::string default_min_time = "--benchmark_min_time=0.5";
-  if (flag_value(argc, argv, "benchmark_min_time").empty()) args.push_back(default_min_time.data());
-  int args_count = static_cast<int>(args.size());
-  args.push_back(nullptr);
-
-  // Read the output flags before Initialize consumes them.
-  const std::string format = flag_value(args_count, args.data(), "benchmark_format");
-  const std::string color_flag = flag_value(args_count, args.data(), "benchmark_color");
-  bool color = color_flag == "true" || color_flag == "yes" || color_flag == "1";
-#ifdef OSCAR_BENCH_HAVE_UNISTD
-  if (color_flag.empty() || color_flag == "auto") color = isatty(STDOUT_FILENO) != 0;
-#endif
-
-  benchmark::Initialize(&args_count, args.data());
-  if (benchmark::ReportUnrecognizedArguments(args_count, args.data())) return 1;
-  register_all();
-  const auto reporter = make_reporter(format, color);
-  benchmark::RunSpecifiedBenchmarks(reporter.get());
-  benchmark::Shutdown();
-  return 0;
+  return oscar_bench::run_benchmarks<cache_reporter>(argc, argv, "0.5", register_all);
 }

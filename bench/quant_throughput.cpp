@@ -28,23 +28,15 @@
 
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <iostream>
-#include <map>
-#include <memory>
+#include <ostream>
 #include <random>
 #include <set>
 #include <string>
-#include <string_view>
 #include <tuple>
 #include <typeindex>
 #include <vector>
 
-#if __has_include(<unistd.h>)
-#include <unistd.h>
-#define OSCAR_BENCH_HAVE_UNISTD 1
-#endif
-
+#include "bench_support.hpp"
 #include "oscar/core/numeric.hpp"
 #include "oscar/core/view.hpp"
 #include "oscar/quant/format_traits.hpp"
@@ -229,83 +221,35 @@ void register_all() {
 
 // ---- reporting -------------------------------------------------------------------------------
 
-/// Value of `--name=value` in argv, or "" when absent.
-std::string flag_value(int argc, char** argv, std::string_view name) {
-  const std::string prefix = "--" + std::string(name) + "=";
-  std::string value;
-  for (int i = 1; i < argc; ++i) {
-    if (std::string_view(argv[i]).starts_with(prefix)) value = argv[i] + prefix.size();
-  }
-  return value;
-}
-
-std::string cpu_model() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  for (std::string line; std::getline(cpuinfo, line);) {
-    if (line.starts_with("model name")) return line.substr(line.find(':') + 2);
-  }
-  return "unknown CPU";
-}
-
-std::string host_name() {
-#ifdef OSCAR_BENCH_HAVE_UNISTD
-  char name[256] = {};
-  if (gethostname(name, sizeof(name) - 1) == 0) return name;
-#endif
-  return "unknown host";
-}
-
-/// Wraps the reporter Google Benchmark would use for `--benchmark_format`, records every
-/// run's bytes/s, and prints the summary table at the end (to stdout for the console format,
-/// to stderr for json/csv so machine-readable output stays clean).
-class summary_reporter : public benchmark::BenchmarkReporter {
+/// Prints the summary table of every run's bytes/s after the usual output.
+class quant_reporter : public oscar_bench::summary_reporter {
  public:
-  summary_reporter(std::unique_ptr<benchmark::BenchmarkReporter> inner, bool console)
-      : inner_(std::move(inner)), out_(console ? std::cout : std::cerr) {}
+  using summary_reporter::summary_reporter;
 
-  bool ReportContext(const Context& context) override {
-    out_ << "oscar quant_throughput on " << host_name() << ": " << cpu_model() << "; input "
-         << kTokens << " tokens x " << kHeads << " heads x " << kHeadDim << " fp16 ("
-         << kInputBytes / (1024 * 1024) << " MiB)\n";
-    return inner_->ReportContext(context);
+ private:
+  void print_context(std::ostream& out) override {
+    out << "oscar quant_throughput on " << oscar_bench::host_name() << ": "
+        << oscar_bench::cpu_model() << "; input " << kTokens << " tokens x " << kHeads
+        << " heads x " << kHeadDim << " fp16 (" << kInputBytes / (1024 * 1024) << " MiB)\n";
   }
 
-  // Google Benchmark 1.7 flags a failed run with `error_occurred`; 1.8 renamed it `skipped`.
-  template <class R>
-  static bool failed(const R& run) {
-    if constexpr (requires { run.error_occurred; }) return run.error_occurred;
-    else return static_cast<bool>(run.skipped);
+  bool records(const Run& run) const override {
+    return run.counters.count("bytes_per_second") != 0;
   }
 
-  void ReportRuns(const std::vector<Run>& runs) override {
-    inner_->ReportRuns(runs);
-    for (const Run& run : runs) {
-      const auto rate = run.counters.find("bytes_per_second");
-      if (failed(run) || rate == run.counters.end()) continue;
-      // With --benchmark_repetitions the median wins; otherwise the last iteration run.
-      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      if (run.run_type == Run::RT_Iteration || median) {
-        entry& e = rates_[run.run_name.function_name];
-        if (median || !e.from_median) e = {rate->second.value, median};
-      }
-    }
-  }
-
-  void Finalize() override {
-    inner_->Finalize();
-    if (rates_.empty()) return;
+  void print_summary(std::ostream& out) override {
     const double copy = rate("memcpy/fp16");  // 0 when filtered out
     auto ratio = [copy](double r) { return copy > 0 && r > 0 ? r / copy : 0.0; };
     char line[256];
-    out_ << "\nSummary: GB/s of fp16 input (1 GB = 1e9 bytes, CPU time); x memcpy = rate / "
-            "memcpy/fp16 rate\n";
+    out << "\nSummary: GB/s of fp16 input (1 GB = 1e9 bytes, CPU time); x memcpy = rate / "
+           "memcpy/fp16 rate\n";
     std::snprintf(line, sizeof(line), "%-28s %8s %9s %10s %9s %10s\n", "format", "bits/elt",
                   "enc GB/s", "enc/memcpy", "dec GB/s", "dec/memcpy");
-    out_ << line;
+    out << line;
     if (copy > 0) {
       std::snprintf(line, sizeof(line), "%-28s %8.2f %9.2f %10.4f %9.2f %10.4f\n", "memcpy/fp16",
                     16.0, copy / 1e9, 1.0, copy / 1e9, 1.0);
-      out_ << line;
+      out << line;
     }
     for (const format_info& f : formats()) {
       const double enc = rate("encode/" + f.name);
@@ -313,70 +257,17 @@ class summary_reporter : public benchmark::BenchmarkReporter {
       if (enc <= 0 && dec <= 0) continue;  // filtered out, or failed
       std::snprintf(line, sizeof(line), "%-28s %8.2f %9.3f %10.4f %9.3f %10.4f\n", f.name.c_str(),
                     f.bits_per_element, enc / 1e9, ratio(enc), dec / 1e9, ratio(dec));
-      out_ << line;
+      out << line;
     }
-    if (copy <= 0) out_ << "(memcpy/fp16 did not run, so the ratios read 0)\n";
-    out_.flush();
+    if (copy <= 0) out << "(memcpy/fp16 did not run, so the ratios read 0)\n";
   }
 
- private:
-  struct entry {
-    double bytes_per_second = 0;
-    bool from_median = false;
-  };
-  double rate(const std::string& name) const {
-    const auto it = rates_.find(name);
-    return it == rates_.end() ? 0.0 : it->second.bytes_per_second;
-  }
-
-  std::unique_ptr<benchmark::BenchmarkReporter> inner_;
-  std::ostream& out_;
-  std::map<std::string, entry> rates_;
+  double rate(const std::string& name) const { return get(name, "bytes_per_second"); }
 };
-
-std::unique_ptr<summary_reporter> make_reporter(const std::string& format, bool color) {
-  if (format == "json") {
-    return std::make_unique<summary_reporter>(std::make_unique<benchmark::JSONReporter>(), false);
-  }
-  if (format == "csv") {  // deprecated in Google Benchmark, but still a documented flag value
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-#endif
-    return std::make_unique<summary_reporter>(std::make_unique<benchmark::CSVReporter>(), false);
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
-  }
-  const auto options =
-      color ? benchmark::ConsoleReporter::OO_ColorTabular : benchmark::ConsoleReporter::OO_Tabular;
-  return std::make_unique<summary_reporter>(std::make_unique<benchmark::ConsoleReporter>(options),
-                                            true);
-}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   // Default to 0.2 s per benchmark so the whole run stays short; an explicit flag wins.
-  std::vector<char*> args(argv, argv + argc);
-  std::string default_min_time = "--benchmark_min_time=0.2";
-  if (flag_value(argc, argv, "benchmark_min_time").empty()) args.push_back(default_min_time.data());
-  int args_count = static_cast<int>(args.size());
-  args.push_back(nullptr);
-
-  // Read the output flags before Initialize consumes them.
-  const std::string format = flag_value(args_count, args.data(), "benchmark_format");
-  const std::string color_flag = flag_value(args_count, args.data(), "benchmark_color");
-  bool color = color_flag == "true" || color_flag == "yes" || color_flag == "1";
-#ifdef OSCAR_BENCH_HAVE_UNISTD
-  if (color_flag.empty() || color_flag == "auto") color = isatty(STDOUT_FILENO) != 0;
-#endif
-
-  benchmark::Initialize(&args_count, args.data());
-  if (benchmark::ReportUnrecognizedArguments(args_count, args.data())) return 1;
-  register_all();
-  const auto reporter = make_reporter(format, color);
-  benchmark::RunSpecifiedBenchmarks(reporter.get());
-  benchmark::Shutdown();
-  return 0;
+  return oscar_bench::run_benchmarks<quant_reporter>(argc, argv, "0.2", register_all);
 }
