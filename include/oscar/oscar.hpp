@@ -5,6 +5,11 @@
 
 #include "oscar/version.hpp"
 
+#include "oscar/attention/host.hpp"
+#include "oscar/attention/types.hpp"
+
+#include "oscar/backend/tags.hpp"
+
 #include "oscar/cache/allocator.hpp"
 #include "oscar/cache/block_pool.hpp"
 #include "oscar/cache/config.hpp"
