@@ -119,6 +119,7 @@ TEMPLATE_LIST_TEST_CASE("formats: all-in bits per element match the block defini
 
 TEST_CASE("formats: all-in bits per element of the shipped KV formats", "[formats]") {
   // bits = code bits + metadata bits per element, from each format's documented layout.
+  CHECK(q::kv_fp32::bits_per_element == 32.0);
   CHECK(q::kv_fp16::bits_per_element == 16.0);
   CHECK(q::kv_bf16::bits_per_element == 16.0);
   CHECK(q::kv_fp8::bits_per_element == 8.0);           // + one fp32 scale per head
@@ -218,6 +219,13 @@ TEST_CASE("kivi: codes sit on the fp16 min/step grid, nearest level, no clipping
       }
     }
   }
+}
+
+TEST_CASE("fp32: the reference format is lossless", "[formats]") {
+  const dense_kv x = oscar::testing::synthetic_keys(64, 2, 128, 41);
+  const dense_kv y = round_trip<q::fp32>(x);
+  CHECK(std::memcmp(x.data.data(), y.data.data(), x.data.size() * sizeof(float)) == 0);
+  CHECK(q::format_traits<q::fp32>::bits_per_element == 32.0);
 }
 
 TEST_CASE("q8_0 and q4_0: hand-computed blocks", "[formats]") {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file
-/// Plain floating-point baselines: `fp16`, `bf16`, and `e4m3` (fp8 with a per-head scale, as
-/// vLLM's fp8 KV cache). Blocks hold 32 elements of one head vector.
+/// Plain floating-point baselines: `fp32` (the lossless reference), `fp16`, `bf16`, and `e4m3`
+/// (fp8 with a per-head scale, as vLLM's fp8 KV cache). Blocks hold 32 elements of one head
+/// vector.
 #pragma once
 
 #include <cstddef>
@@ -14,10 +15,14 @@
 
 namespace oscar::quant {
 
+struct fp32 {};  ///< IEEE binary32 per element: lossless, the reference cache for quality runs.
 struct fp16 {};  ///< IEEE binary16 per element; values beyond +-65504 saturate.
 struct bf16 {};  ///< bfloat16 per element.
 struct e4m3 {};  ///< fp8 e4m3 per element, divided by a per-head fp32 scale (amax / 448).
 
+struct block_fp32 {
+  float v[32];
+};
 struct block_fp16 {
   half v[32];
 };
@@ -27,6 +32,7 @@ struct block_bf16 {
 struct block_e4m3 {
   fp8_e4m3 v[32];
 };
+static_assert(sizeof(block_fp32) == 128, "block_fp32: 32 x 4 bytes");
 static_assert(sizeof(block_fp16) == 64, "block_fp16: 32 x 2 bytes");
 static_assert(sizeof(block_bf16) == 64, "block_bf16: 32 x 2 bytes");
 static_assert(sizeof(block_e4m3) == 32, "block_e4m3: 32 x 1 byte");
@@ -69,6 +75,31 @@ struct elementwise_traits {
 };
 
 }  // namespace detail
+
+template <>
+struct format_traits<fp32> {
+  static constexpr std::string_view name = "fp32";
+  static constexpr int bits = 32;
+  static constexpr int group = 32;
+  static constexpr group_axis axis = group_axis::head_dim;
+  static constexpr bool rotated = false;
+  using block = block_fp32;
+  static constexpr std::size_t bytes_per_block = sizeof(block_fp32);
+  static constexpr double bits_per_element = 32.0;
+  using head_params = no_head_params;
+  static constexpr bool supports_head_dim(int head_dim) noexcept {
+    return head_dim > 0 && head_dim % group == 0;
+  }
+  static constexpr head_params calibrate(const float*, int, int) noexcept { return {}; }
+  OSCAR_HOST_DEVICE static void encode_tile(const float* x, int head_dim, const head_params&,
+                                            block* out) noexcept {
+    for (int i = 0; i < head_dim; ++i) out[i / group].v[i % group] = x[i];
+  }
+  OSCAR_HOST_DEVICE static void decode_tile(const block* in, int head_dim, const head_params&,
+                                            float* y) noexcept {
+    for (int i = 0; i < head_dim; ++i) y[i] = in[i / group].v[i % group];
+  }
+};
 
 template <>
 struct format_traits<fp16> : detail::elementwise_traits<block_fp16, half, scale_type::fp16> {

@@ -58,6 +58,7 @@ using fp4plus_value = fpq<fp4plus_config>;
     static constexpr std::string_view name = Text;                         \
   }
 
+OSCAR_DETAIL_KV_FORMAT(kv_fp32, fp32, fp32, "fp32");
 OSCAR_DETAIL_KV_FORMAT(kv_fp16, fp16, fp16, "fp16");
 OSCAR_DETAIL_KV_FORMAT(kv_bf16, bf16, bf16, "bf16");
 OSCAR_DETAIL_KV_FORMAT(kv_fp8, e4m3, e4m3, "fp8-e4m3");
