@@ -5,7 +5,8 @@
 /// ## Model
 /// A cache holds sequences; each sequence has, per (layer, KV head), an *entry*:
 ///
-/// - **sinks**: the first `sink_tokens` (S) tokens ever appended to the entry, kept in fp16;
+/// - **sinks**: the first `sink_tokens` (S) tokens ever appended to the entry, kept in fp16
+///   (fp32 when the full tier is `quant::kv_fp32`, so a reference cache is lossless);
 /// - **blocks**: a table of blocks, each `block_tokens` tokens of K and V in one tier's format
 ///   (`tier::full`, `mid`, `low`), from that tier's `block_pool`;
 /// - **window**: the most recent tokens, in fp16.
@@ -109,6 +110,9 @@ template <class Low = quant::fp2plus, class Mid = quant::fp4plus, class Full = q
 class kv_cache {
  public:
   using formats = std::tuple<Full, Mid, Low>;  // indexed by tier
+  /// Element type of sinks and window: fp16, or fp32 when the full tier is lossless fp32
+  /// (`quant::kv_fp32`), so a reference cache rounds nothing.
+  using window_type = std::conditional_t<std::is_same_v<typename Full::key, quant::fp32>, float, half>;
   template <int I>
   using tier_format = std::tuple_element_t<I, formats>;
   using pool_type = block_pool<Allocator>;
@@ -483,7 +487,7 @@ class kv_cache {
     for (const auto& [id, seq] : sequences_) {
       for (const entry& e : seq.entries) {
         u.window_bytes += (e.sink_k.size() + e.sink_v.size() + e.window_k.size() +
-                           e.window_v.size()) * sizeof(half);
+                           e.window_v.size()) * sizeof(window_type);
         u.token_heads += entry_tokens(e);
       }
     }
@@ -496,8 +500,8 @@ class kv_cache {
 
   struct entry {
     index_t appended = 0;                  ///< tokens ever appended
-    std::vector<half> sink_k, sink_v;      ///< [sinks, head_dim]
-    std::vector<half> window_k, window_v;  ///< [window, head_dim], oldest first
+    std::vector<window_type> sink_k, sink_v;      ///< [sinks, head_dim]
+    std::vector<window_type> window_k, window_v;  ///< [window, head_dim], oldest first
     std::vector<block_slot> slots;
     std::tuple<detail::tier_params<Full>, detail::tier_params<Mid>, detail::tier_params<Low>>
         params;
@@ -589,7 +593,7 @@ class kv_cache {
     }
   }
 
-  index_t rows(const std::vector<half>& x) const noexcept {
+  index_t rows(const std::vector<window_type>& x) const noexcept {
     return static_cast<index_t>(x.size()) / config_.head_dim;
   }
   index_t window_size(const entry& e) const noexcept { return rows(e.window_k); }
@@ -608,19 +612,21 @@ class kv_cache {
     return -1;
   }
 
-  /// Appends one head vector as fp16, saturating at +-65504 like every OSCAR format: a finite
-  /// input never becomes Inf in the cache.
+  /// Appends one head vector in the window's type; fp16 saturates at +-65504 like every OSCAR
+  /// format, so a finite input never becomes Inf in the cache.
   template <class T>
-  void push_row(std::vector<half>& dst, const T* row) const {
+  void push_row(std::vector<window_type>& dst, const T* row) const {
     for (int d = 0; d < config_.head_dim; ++d) {
-      dst.push_back(half(quant::clamp_finite(static_cast<float>(row[d]), 65504.0f)));
+      const float x = static_cast<float>(row[d]);
+      if constexpr (std::is_same_v<window_type, float>) dst.push_back(x);
+      else dst.push_back(half(quant::clamp_finite(x, 65504.0f)));
     }
   }
-  static void erase_row(std::vector<half>& x, index_t row, int d) {
+  static void erase_row(std::vector<window_type>& x, index_t row, int d) {
     x.erase(x.begin() + row * d, x.begin() + (row + 1) * d);
   }
-  static void append_rows(std::vector<float>& dst, const std::vector<half>& src) {
-    for (half h : src) dst.push_back(static_cast<float>(h));
+  static void append_rows(std::vector<float>& dst, const std::vector<window_type>& src) {
+    for (window_type h : src) dst.push_back(static_cast<float>(h));
   }
 
   void release_all(sequence& seq) noexcept {
@@ -654,8 +660,10 @@ class kv_cache {
     const int d = config_.head_dim;
     const detail::tier_layout& lay = layouts_[I];
     auto& params = std::get<I>(e.params);
-    const auto window_k = std::span<const half>(e.window_k).subspan(static_cast<std::size_t>(first * d));
-    const auto window_v = std::span<const half>(e.window_v).subspan(static_cast<std::size_t>(first * d));
+    const auto window_k =
+        std::span<const window_type>(e.window_k).subspan(static_cast<std::size_t>(first * d));
+    const auto window_v =
+        std::span<const window_type>(e.window_v).subspan(static_cast<std::size_t>(first * d));
     if (!params.calibrated) {
       const int window = static_cast<int>(window_size(e) - first);
       to_floats(window_k, scratch);
@@ -685,7 +693,7 @@ class kv_cache {
     update_summary<I>(slot.id, e, fill, fill + chunk_, scratch);
   }
 
-  static void to_floats(std::span<const half> src, std::vector<float>& dst) {
+  static void to_floats(std::span<const window_type> src, std::vector<float>& dst) {
     dst.resize(src.size());
     for (std::size_t i = 0; i < src.size(); ++i) dst[i] = static_cast<float>(src[i]);
   }

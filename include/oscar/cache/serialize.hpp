@@ -106,6 +106,9 @@
 
 namespace oscar::cache {
 
+template <class Cache>
+inline constexpr bool has_fp16_window_v = std::is_same_v<typename Cache::window_type, half>;
+
 /// The version `serialize` writes and the only one `deserialize` reads.
 inline constexpr std::uint32_t serial_version = 1;
 /// Bytes of the version-1 header.
@@ -832,6 +835,10 @@ struct serializer {
 template <class Cache>
 requires detail::is_kv_cache<Cache>::value [[nodiscard]] std::vector<std::byte> serialize(
     const Cache& cache, seq_id seq) {
+  static_assert(has_fp16_window_v<Cache>,
+                "oscar::cache::serialize: version 1 of the page layout stores sinks and windows "
+                "in fp16; caches whose full tier is kv_fp32 (fp32 windows, for reference runs) "
+                "cannot be serialized");
   return detail::serializer::save(cache, seq);
 }
 
@@ -842,6 +849,9 @@ requires detail::is_kv_cache<Cache>::value [[nodiscard]] std::vector<std::byte> 
 template <class Cache>
 requires detail::is_kv_cache<Cache>::value seq_id deserialize(Cache& cache,
                                                               std::span<const std::byte> bytes) {
+  static_assert(has_fp16_window_v<Cache>,
+                "oscar::cache::deserialize: version 1 of the page layout stores sinks and windows "
+                "in fp16; caches whose full tier is kv_fp32 (fp32 windows) cannot import pages");
   return detail::serializer::load(cache, bytes);
 }
 
