@@ -46,7 +46,17 @@ inline constexpr fpq_config fp4plus_config{.bits = 4, .levels = codebook::lloyd_
                                            .group = 32, .axis = group_axis::head_dim,
                                            .scale = scale_type::fp16, .rotate = true};
 
+/// FP2+ with per-channel keys: the configuration the real-model sweep picks (README, "FP2+ on
+/// the shipped model"). Keys in per-channel groups of 64 tokens, uniform 2-bit codes on the
+/// group's min/max (fp16 scale and min, no clipping: clipping a channel's outlier tokens costs
+/// attention more than it saves in MSE), 2 + 32/64 = 2.5 bits; values as FP2+. It becomes the
+/// `fp2plus` default once the cache tests run with its 64-token chunks.
+inline constexpr fpq_config fp2plus_channel_key_config{
+    .bits = 2, .levels = codebook::uniform, .group = 64, .axis = group_axis::tokens,
+    .scale = scale_type::fp16, .zero_point = true, .search_scale = false};
+
 using fp2plus_key = fpq<fp2plus_key_config>;
+using fp2plus_channel_key = fpq<fp2plus_channel_key_config>;
 using fp2plus_value = fpq<fp2plus_value_config>;
 using fp4plus_key = fpq<fp4plus_config>;
 using fp4plus_value = fpq<fp4plus_config>;
@@ -68,12 +78,16 @@ OSCAR_DETAIL_KV_FORMAT(kivi2, kivi_key<2>, kivi_value<2>, "kivi2");
 OSCAR_DETAIL_KV_FORMAT(kivi4, kivi_key<4>, kivi_value<4>, "kivi4");
 OSCAR_DETAIL_KV_FORMAT(fp2plus, fp2plus_key, fp2plus_value, "fp2plus");
 OSCAR_DETAIL_KV_FORMAT(fp4plus, fp4plus_key, fp4plus_value, "fp4plus");
+OSCAR_DETAIL_KV_FORMAT(fp2plus_kc, fp2plus_channel_key, fp2plus_value, "fp2plus-kc");
 
 #undef OSCAR_DETAIL_KV_FORMAT
 
 /// Every shipped KV format, for tests, benchmarks and tools that iterate over them.
 static_assert(sizeof(format_traits<fp2plus_key>::block) == 5, "FP2+ block: e4m3 scale + 16 codes");
 static_assert(format_traits<fp2plus_key>::bits_per_element == 2.5, "FP2+ is 2.5 bits/element");
+static_assert(sizeof(format_traits<fp2plus_channel_key>::block) == 20,
+              "FP2+ per-channel key block: fp16 scale + fp16 min + 64 codes");
+static_assert(fp2plus_kc::bits_per_element == 2.5, "FP2+ with per-channel keys is 2.5 bits");
 static_assert(sizeof(format_traits<fp4plus_key>::block) == 18, "FP4+ block: fp16 scale + 32 codes");
 static_assert(sizeof(format_traits<kivi_key<2>>::block) == 12, "KIVI-2 block: scale, min, 32 codes");
 

@@ -25,11 +25,14 @@ namespace oscar::quant {
 template <tensor_format F>
 std::string allowed_head_dims() {
   using traits = format_traits<F>;
-  std::string text = traits::rotated ? "64, 128 or 256 (rotated format)"
-                     : traits::axis == group_axis::head_dim
-                         ? oscar::detail::concat("a positive multiple of the group size ", traits::group)
-                         : std::string("1 to 256");
-  return text;
+  const std::string multiple =
+      oscar::detail::concat("a positive multiple of the group size ", traits::group);
+  if (traits::rotated) {
+    return traits::axis == group_axis::head_dim
+               ? "64, 128 or 256 (rotated format) and " + multiple
+               : std::string("64, 128 or 256 (rotated format)");
+  }
+  return traits::axis == group_axis::head_dim ? multiple : std::string("1 to 256");
 }
 
 /// Checks that `head_dim` suits format `F`; throws `oscar::error` naming it otherwise.
