@@ -155,21 +155,6 @@ cache_state state_of(const Cache& cache, std::span<const seq_id> seqs) {
   return s;
 }
 
-/// Cheap: usage() only (every block and token a failed import could have taken shows here).
-template <class Cache>
-std::vector<std::uint64_t> usage_of(const Cache& cache) {
-  std::vector<std::uint64_t> out;
-  const cache_usage u = cache.usage();
-  for (const tier_usage& t : u.tiers) {
-    out.push_back(t.used);
-    out.push_back(t.free);
-  }
-  out.push_back(u.window_bytes);
-  out.push_back(static_cast<std::uint64_t>(u.sequences));
-  out.push_back(static_cast<std::uint64_t>(u.token_heads));
-  return out;
-}
-
 /// The imported sequence `b` of `cb` equals `a` of `ca` bit for bit: gathers, block tables
 /// (tiers, fills, masks), key summaries.
 template <class Cache>
@@ -549,12 +534,12 @@ TEST_CASE("deserialize: every truncation is refused and changes nothing", "[cach
   const auto tiers = blocks_per_tier(fx.cache, fx.a);
   for (int t = 0; t < tier_count; ++t) REQUIRE(tiers[t] > 0);
   const cache_state before = state_of(fx.cache, fx.seqs);
-  const auto usage = usage_of(fx.cache);
+  const auto usage = fx.cache.usage();
   std::size_t refused = 0;
   for (std::size_t n = 0; n < fx.bytes.size(); ++n) {
     const auto e = thrown_by(
         [&] { (void)deserialize(fx.cache, std::span<const std::byte>(fx.bytes).first(n)); });
-    if (!e || e->code() != errc::corrupt_data || usage_of(fx.cache) != usage) {
+    if (!e || e->code() != errc::corrupt_data || fx.cache.usage() != usage) {
       FAIL("truncation to " << n << " bytes: " << (e ? e->what() : "accepted"));
     }
     ++refused;
@@ -571,14 +556,14 @@ TEST_CASE("deserialize: every truncation is refused and changes nothing", "[cach
 TEST_CASE("deserialize: every single-bit flip is refused", "[cache][serialize]") {
   small_fixture fx;
   const cache_state before = state_of(fx.cache, fx.seqs);
-  const auto usage = usage_of(fx.cache);
+  const auto usage = fx.cache.usage();
   bytes_t b = fx.bytes;
   const auto flips = flip_bits(b, 2);
   for (std::size_t i = 0; i < flips.size(); ++i) {
     const auto [at, bit] = flips[i];
     b[at] ^= static_cast<std::byte>(1u << bit);
     const auto e = thrown_by([&] { (void)deserialize(fx.cache, b); });
-    if (!e || e->code() != errc::corrupt_data || usage_of(fx.cache) != usage) {
+    if (!e || e->code() != errc::corrupt_data || fx.cache.usage() != usage) {
       FAIL("byte " << at << " bit " << bit << ": " << (e ? e->what() : "accepted"));
     }
     b[at] ^= static_cast<std::byte>(1u << bit);
@@ -592,7 +577,7 @@ TEST_CASE("deserialize: resealed bit flips are refused or imported canonically",
           "[cache][serialize]") {
   small_fixture fx;
   const cache_state before = state_of(fx.cache, fx.seqs);
-  const auto usage = usage_of(fx.cache);
+  const auto usage = fx.cache.usage();
   std::size_t refused = 0, accepted = 0;
   bytes_t b = fx.bytes;
   // The payload's bytes (the header's fields are compared exactly, tested above).
@@ -606,7 +591,7 @@ TEST_CASE("deserialize: resealed bit flips are refused or imported canonically",
     std::optional<seq_id> id;
     const auto e = thrown_by([&] { id = deserialize(fx.cache, b); });
     if (e) {
-      if (e->code() != errc::corrupt_data || usage_of(fx.cache) != usage) {
+      if (e->code() != errc::corrupt_data || fx.cache.usage() != usage) {
         FAIL("bit " << bit << ": " << e->what());
       }
       ++refused;
@@ -622,7 +607,7 @@ TEST_CASE("deserialize: resealed bit flips are refused or imported canonically",
         }
       }
       fx.cache.free(*id);
-      if (usage_of(fx.cache) != usage) FAIL("bit " << bit << ": free did not restore usage");
+      if (fx.cache.usage() != usage) FAIL("bit " << bit << ": free did not restore usage");
     }
     b[at] ^= static_cast<std::byte>(1u << bit_in_byte);
     if (flip % 1009 == 0) REQUIRE(state_of(fx.cache, fx.seqs) == before);

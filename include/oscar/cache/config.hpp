@@ -75,6 +75,7 @@ struct tier_usage {
   [[nodiscard]] std::size_t bytes_used() const noexcept {
     return used * (block_bytes + summary_bytes);
   }
+  friend bool operator==(const tier_usage&, const tier_usage&) = default;
 };
 
 /// What the cache holds, for engines and benchmarks.
@@ -95,6 +96,8 @@ struct cache_usage {
                             : 8.0 * static_cast<double>(bytes_used()) /
                                   (2.0 * static_cast<double>(token_heads) * head_dim);
   }
+  /// Equal usage: a failed operation must leave `usage()` exactly as it was.
+  friend bool operator==(const cache_usage&, const cache_usage&) = default;
 };
 
 }  // namespace oscar::cache
