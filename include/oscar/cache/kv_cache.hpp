@@ -473,6 +473,38 @@ class kv_cache {
     return find_entry(id, layer, head).slots;
   }
 
+  // ---- direct access for attention backends ------------------------------------------------
+
+  /// What one (seq, layer, KV head) holds, read-only, for backends that attend over the blocks
+  /// without `gather`. Entry order is sinks, then the valid tokens of `slots` in table order
+  /// (token `t` of a slot is live when `valid.test(t)`, `t < pool(level).fill(id)`), then the
+  /// window, oldest first. Sinks and window are `[rows, head_dim]` row-major in `window_type`.
+  /// The spans stay valid until the next non-const call on the cache.
+  struct entry_view {
+    std::span<const window_type> sink_k, sink_v;
+    std::span<const window_type> window_k, window_v;
+    std::span<const block_slot> slots;
+  };
+
+  [[nodiscard]] entry_view view(seq_id id, int layer, int head) const {
+    const entry& e = find_entry(id, layer, head);
+    return {e.sink_k, e.sink_v, e.window_k, e.window_v, e.slots};
+  }
+
+  /// Per-head metadata of tier I's key and value formats for (seq, layer, head), as the
+  /// formats' `decode_tile` takes it.
+  template <int I>
+  [[nodiscard]] const detail::tier_params<tier_format<I>>& params(seq_id id, int layer,
+                                                                  int head) const {
+    return std::get<I>(find_entry(id, layer, head).params);
+  }
+
+  /// Where the tiles of a chunk live inside a block of tier `t`: key tiles from byte 0
+  /// (`key_tile_bytes` each, one per `key_tile_tokens` tokens), value tiles from `key_bytes`.
+  [[nodiscard]] const detail::tier_layout& layout(tier t) const noexcept {
+    return layouts_[static_cast<int>(t)];
+  }
+
   /// The pool of a tier (block bytes, fill, key summaries).
   [[nodiscard]] const pool_type& pool(tier t) const noexcept { return *pools_[static_cast<int>(t)]; }
 
