@@ -185,6 +185,44 @@ struct cache_kernels {
   static constexpr bool fallback = tier_fallback<0> || tier_fallback<1> || tier_fallback<2>;
 };
 
+/// Fills an entry's view, tier parameters and segments (throws for an unknown sequence or a
+/// KV head without tokens).
+template <class Cache>
+void build_entry(const Cache& cache, cache::seq_id seq, int layer, int h, entry_work<Cache>& e) {
+  const int d = cache.config().head_dim;
+  e.view = cache.view(seq, layer, h);
+  e.params = {&cache.template params<0>(seq, layer, h), &cache.template params<1>(seq, layer, h),
+              &cache.template params<2>(seq, layer, h)};
+  const auto add_rows = [&](segment_kind kind, std::size_t elements) {
+    const auto rows = static_cast<int>(elements / static_cast<std::size_t>(d));
+    for (int r = 0; r < rows; r += max_segment_tokens) {
+      segment s;
+      s.kind = kind;
+      s.first_row = r;
+      s.count = std::min(max_segment_tokens, rows - r);
+      s.position = e.tokens;
+      s.live = s.count;
+      e.tokens += s.live;
+      e.segments.push_back(s);
+    }
+  };
+  add_rows(segment_kind::sinks, e.view.sink_k.size());
+  for (const cache::block_slot& slot : e.view.slots) {
+    segment s;
+    s.kind = segment_kind::block;
+    s.tier = static_cast<int>(slot.level);
+    s.data = cache.pool(slot.level).data(slot.id);
+    s.valid = &slot.valid;
+    s.id = slot.id;
+    s.count = cache.pool(slot.level).fill(slot.id);
+    s.position = e.tokens;
+    s.live = static_cast<index_t>(slot.valid.count());
+    e.tokens += s.live;
+    e.segments.push_back(s);
+  }
+  add_rows(segment_kind::window, e.view.window_k.size());
+}
+
 /// Splits segments [0, n) into `parts` contiguous runs of about equal live tokens; returns the
 /// run boundaries (parts + 1 values, fewer when there are fewer segments).
 inline std::vector<int> split_segments(const std::vector<segment>& segs, int parts) {
@@ -216,7 +254,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
   const int heads = cfg.kv_heads;
   const int group = opt.q_heads / heads;
   const auto batch = static_cast<index_t>(seqs.size());
-  const int threads = opt.threads > 0 ? opt.threads : thread_pool::hardware_threads();
+  const int threads = opt.threads > 0 ? opt.threads : default_threads();
   const cpu_isa isa = kernel_isa(d);
   const float log2e = 1.4426950408889634f;
 
@@ -227,38 +265,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
       entry_work<Cache>& e = entries[static_cast<std::size_t>(b * heads + h)];
       e.b = b;
       e.h = h;
-      e.view = cache.view(seqs[static_cast<std::size_t>(b)], layer, h);
-      e.params = {&cache.template params<0>(seqs[b], layer, h),
-                  &cache.template params<1>(seqs[b], layer, h),
-                  &cache.template params<2>(seqs[b], layer, h)};
-      const auto add_rows = [&](segment_kind kind, std::size_t elements) {
-        const auto rows = static_cast<int>(elements / static_cast<std::size_t>(d));
-        for (int r = 0; r < rows; r += max_segment_tokens) {
-          segment s;
-          s.kind = kind;
-          s.first_row = r;
-          s.count = std::min(max_segment_tokens, rows - r);
-          s.position = e.tokens;
-          s.live = s.count;
-          e.tokens += s.live;
-          e.segments.push_back(s);
-        }
-      };
-      add_rows(segment_kind::sinks, e.view.sink_k.size());
-      for (const cache::block_slot& slot : e.view.slots) {
-        segment s;
-        s.kind = segment_kind::block;
-        s.tier = static_cast<int>(slot.level);
-        s.data = cache.pool(slot.level).data(slot.id);
-        s.valid = &slot.valid;
-        s.id = slot.id;
-        s.count = cache.pool(slot.level).fill(slot.id);
-        s.position = e.tokens;
-        s.live = static_cast<index_t>(slot.valid.count());
-        e.tokens += s.live;
-        e.segments.push_back(s);
-      }
-      add_rows(segment_kind::window, e.view.window_k.size());
+      build_entry(cache, seqs[static_cast<std::size_t>(b)], layer, h, e);
       OSCAR_CHECK(e.tokens > 0, errc::invalid_argument, "sequence ", seqs[b],
                   " has no tokens in layer ", layer, " KV head ", h,
                   " (allowed: decode over at least one cached token)");
@@ -275,7 +282,6 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
     }
   }
   if (stats) stats->assign(entries.size(), kv_head_stats{});
-  thread_pool& pool = thread_pool::instance();
   const auto entry_count = static_cast<index_t>(entries.size());
   const auto make_state = [&](const entry_work<Cache>& e) {
     task_state st;
@@ -288,7 +294,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
 
   // 2. Block skipping.
   if (opt.skip_threshold > 0.0f) {
-    pool.run(entry_count, threads, [&](index_t i) noexcept {
+    parallel_for(entry_count, threads, [&](index_t i) noexcept {
       entry_work<Cache>& e = entries[static_cast<std::size_t>(i)];
       task_state st = make_state(e);
       std::vector<float> ref(static_cast<std::size_t>(group));
@@ -340,7 +346,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
   for (std::size_t i = 0; i < scores.size(); ++i) {
     scores[i].assign(static_cast<std::size_t>(group * entries[i].tokens), -HUGE_VALF);
   }
-  pool.run(static_cast<index_t>(tasks.size()), threads, [&](index_t i) noexcept {
+  parallel_for(static_cast<index_t>(tasks.size()), threads, [&](index_t i) noexcept {
     const task& t = tasks[static_cast<std::size_t>(i)];
     const entry_work<Cache>& e = entries[t.entry];
     task_state st = make_state(e);
@@ -353,7 +359,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
   });
 
   // 4. Combine the partials of each entry; statistics.
-  pool.run(entry_count, threads, [&](index_t i) noexcept {
+  parallel_for(entry_count, threads, [&](index_t i) noexcept {
     const entry_work<Cache>& e = entries[static_cast<std::size_t>(i)];
     const std::size_t t0 = entry_first_task[static_cast<std::size_t>(i)];
     const std::size_t t1 = entry_first_task[static_cast<std::size_t>(i) + 1];

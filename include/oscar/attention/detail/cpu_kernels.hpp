@@ -576,6 +576,105 @@ void reference_scores(task_state& st, const entry_work<Cache>& e, float* ref) no
   }
 }
 
+// ---- decoded rows, for prefill's matrix products ----------------------------------------------
+
+/// Writes `n` rows of a decoder, `[n][d]`, in the decoder's space, head factor applied.
+template <class D>
+void decode_rows(const D& dec, int n, int d, float* out) noexcept {
+  const vf factor = simd::set1(dec.factor());
+  if constexpr (D::tokens_axis) {
+    constexpr auto cfg = D::T::config;
+    for (int tile = 0; tile < n / cfg.group; ++tile) {
+      const std::uint8_t* base = dec.p + tile * dec.tile_bytes;
+      for (int c = 0; c < d; ++c) {
+        const std::uint8_t* blk = base + c * D::T::block_bytes;
+        const vf scale = simd::mul(simd::set1(fpq_stored<cfg>(blk)), factor);
+        const vf zero = simd::set1(cfg.zero_point ? fpq_stored<cfg>(blk + D::T::zero_offset) : 0.0f);
+        for (int t0 = 0; t0 < cfg.group; t0 += W) {
+          float lanes[W];
+          simd::store(lanes, simd::fma(fpq_levels<cfg>(blk + D::T::code_offset, t0, dec.lut), scale, zero));
+          float* column = out + static_cast<std::size_t>(tile * cfg.group + t0) * d + c;
+          for (int i = 0; i < W; ++i) column[static_cast<std::size_t>(i) * d] = lanes[i];
+        }
+      }
+    }
+  } else {
+    for (int t = 0; t < n; ++t)
+      for (int v = 0; v < d / W; ++v)
+        simd::store(out + static_cast<std::size_t>(t) * d + v * W, simd::mul(dec.load(t, v), factor));
+  }
+}
+
+/// Decodes all `seg.count` rows of a block of tier I into `k` and `v` (`[count][d]` each);
+/// returns whether each came out in the rotated space.
+template <class Cache, int I>
+std::pair<bool, bool> decode_block_in(const task_state& st, const entry_work<Cache>& e,
+                                      const segment& seg, float* k, float* v) noexcept {
+  using codec = tier_codec<Cache, I>;
+  const cache::detail::tier_layout& lay = st.layouts[I];
+  const auto& params = *std::get<I>(e.params);
+  const std::byte* keys = seg.data;
+  const std::byte* vals = seg.data + lay.key_bytes;
+  const int n = seg.count;
+  const int d = st.d;
+  if constexpr (codec::key_rows) {
+    decode_rows(row_decoder<typename codec::KF>::make(keys, lay.key_tile_bytes, params.key), n, d, k);
+  } else if constexpr (codec::key_tokens) {
+    decode_rows(token_key_decoder<typename codec::KF>::make(keys, lay.key_tile_bytes, params.key), n, d, k);
+  } else {
+    decode_block_tiles<typename codec::KF>(keys, lay.key_tile_bytes, n, d, params.key, k);
+  }
+  if constexpr (codec::value_rows) {
+    decode_rows(row_decoder<typename codec::VF>::make(vals, lay.value_tile_bytes, params.value), n, d, v);
+  } else {
+    decode_block_tiles<typename codec::VF>(vals, lay.value_tile_bytes, n, d, params.value, v);
+  }
+  return {codec::key_rotated, codec::value_rotated};
+}
+
+template <class Cache>
+std::pair<bool, bool> decode_block(const task_state& st, const entry_work<Cache>& e,
+                                   const segment& seg, float* k, float* v) noexcept {
+  switch (seg.tier) {
+    case 0: return decode_block_in<Cache, 0>(st, e, seg, k, v);
+    case 1: return decode_block_in<Cache, 1>(st, e, seg, k, v);
+    default: return decode_block_in<Cache, 2>(st, e, seg, k, v);
+  }
+}
+
+/// float -> bf16 (round to nearest even) for `n` values.
+inline void to_bf16(const float* x, std::size_t n, std::uint16_t* out) noexcept {
+  std::size_t i = 0;
+  for (; i + W <= n; i += W) simd::store_bf16(out + i, simd::load(x + i));
+  for (; i < n; ++i) out[i] = float_to_bf16_bits(x[i]);
+}
+
+/// One query row of prefill's online softmax over a tile: scores `s[0, n)` (base 2; only
+/// `[0, valid)` attended), running max `m` and sum `l`, accumulator row `o` (`d` floats,
+/// rescaled when the max grows). Writes `p[0, n)` (zeros past `valid`) as float or bf16.
+template <class P>
+void softmax_row(float* s, int valid, int n, float& m, double& l, float* o, int d,
+                 P* p) noexcept {
+  if (valid == 0) {
+    for (int t = 0; t < n; ++t) p[t] = P{};
+    return;
+  }
+  const float top = max_of(s, valid);
+  if (top > m) {
+    const float alpha = cpu_scalar::simd::exp2(m - top);  // 0 while m is -inf
+    l *= alpha;
+    scale_in_place(o, d, alpha);
+    m = top;
+  }
+  if constexpr (std::is_same_v<P, float>) {
+    l += exp2_shifted(s, m, valid, p);
+  } else {
+    l += exp2_shifted(s, m, valid, s);
+    to_bf16(s, static_cast<std::size_t>(valid), p);
+  }
+  for (int t = valid; t < n; ++t) p[t] = P{};
+}
+
 }  // namespace oscar::attention::detail::OSCAR_DETAIL_CPU_NS
 
 #endif  // OSCAR_DETAIL_CPU_NS

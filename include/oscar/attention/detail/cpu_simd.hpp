@@ -95,6 +95,7 @@ struct simd {
   static vf load_half(const std::uint16_t* p) noexcept { return half_bits_to_float(*p); }
   static vf load_bf16(const std::uint16_t* p) noexcept { return bf16_bits_to_float(*p); }
   static vf load_i8(const std::int8_t* p) noexcept { return static_cast<float>(*p); }
+  static void store_bf16(std::uint16_t* p, vf x) noexcept { *p = float_to_bf16_bits(x); }
 
   struct lut2 { float t[4]; };
   struct lut4 { float t[16]; };
@@ -173,6 +174,14 @@ struct simd {
   static vf load_i8(const std::int8_t* p) noexcept {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+  /// Rounds to bf16 (nearest even; finite input) and stores 8 values.
+  static void store_bf16(std::uint16_t* p, vf x) noexcept {
+    __m256i b = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
   }
 
   struct lut2 { __m256 t; };
@@ -268,6 +277,13 @@ struct simd {
   static vf load_i8(const std::int8_t* p) noexcept {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+  /// Rounds to bf16 (nearest even; finite input) and stores 16 values.
+  static void store_bf16(std::uint16_t* p, vf x) noexcept {
+    __m512i b = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(b));
   }
 
   struct lut2 { __m512 t; };

@@ -11,6 +11,11 @@
 ///
 /// A call made while the pool is busy (from another thread, or from inside a task) runs its
 /// tasks on the calling thread alone: correct, never a deadlock, just not parallel.
+///
+/// `parallel_for` is what the kernels call: when the including code is compiled with OpenMP
+/// (`_OPENMP`), it runs on OpenMP's threads instead, the ones oneDNN uses on Debian, so the
+/// attention kernels and an engine's oneDNN primitives share one team instead of two sets of
+/// threads spinning against each other.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +28,10 @@
 #include <vector>
 
 #include "oscar/core/view.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace oscar::attention::detail {
 
@@ -133,5 +142,29 @@ class thread_pool {
   void* job_ctx_ = nullptr;
   index_t job_tasks_ = 0;
 };
+
+/// Threads a call uses when `options::threads` is 0: OpenMP's default team size with OpenMP,
+/// else one per hardware thread.
+inline int default_threads() noexcept {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return thread_pool::hardware_threads();
+#endif
+}
+
+/// Runs `f(i)` for `i` in `[0, tasks)` on up to `threads` threads (see the file comment).
+template <class F>
+void parallel_for(index_t tasks, int threads, F&& f) {
+#if defined(_OPENMP)
+  if (threads > 1 && tasks > 1 && !omp_in_parallel()) {
+    static_assert(std::is_nothrow_invocable_v<F&, index_t>, "tasks must be noexcept");
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (index_t i = 0; i < tasks; ++i) f(i);
+    return;
+  }
+#endif
+  thread_pool::instance().run(tasks, threads, f);
+}
 
 }  // namespace oscar::attention::detail
