@@ -13,6 +13,10 @@
 ///     online softmax on S     (running max and sum per row, accumulator rows rescaled, P out)
 ///     O += P V_tile           (oneDNN matmul with a sum post-op)
 ///
+/// The softmax step runs on OpenMP's threads when the including code is compiled with OpenMP
+/// (recommended, and what the benchmark does: oneDNN's threads are OpenMP on Debian), else on
+/// the calling thread.
+///
 /// Causality is a prefix per row: a tile lists cached tokens, then chunk tokens in order, so
 /// query token `i` sees the tile's columns before its chunk token `i + 1`. Rotated formats:
 /// the tile is in the space of the low tier's keys (values), rows of other spaces are rotated
@@ -179,7 +183,14 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
   const int heads = cfg.kv_heads;
   const int group = opt.q_heads / heads;
   const index_t chunk = q.tokens;
+  // The softmax between two matmuls runs on OpenMP's threads when the including code has
+  // OpenMP; otherwise on the calling thread alone, because oneDNN's OpenMP threads spin for a
+  // while after each matmul and a second set of threads would fight them for the cores.
+#if defined(_OPENMP)
   const int threads = opt.threads > 0 ? opt.threads : default_threads();
+#else
+  const int threads = 1;
+#endif
   const cpu_isa isa = kernel_isa(d);
   const bool bf16 = opt.compute == compute_type::bf16;
   const auto dt = bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
