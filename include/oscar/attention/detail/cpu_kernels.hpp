@@ -317,11 +317,10 @@ void scores(const D& dec, int n, const float* q, int d, float* s, int ss, float*
 
 // ---- values ----------------------------------------------------------------------------------
 
-/// acc[j][:] += sum_t (pscale * p[j * ps + t]) v_t for `n` rows, JB query heads, CV vectors of
-/// channels at a time (JB * CV accumulators stay in registers).
+/// acc[j][:] += sum_t p[j * ps + t] v_t for `n` rows, JB query heads, CV vectors of channels
+/// at a time (JB * CV accumulators stay in registers).
 template <int JB, int CV, class D>
-void row_values(const D& dec, int n, const float* p, int ps, float pscale, float* acc,
-                int d) noexcept {
+void row_values(const D& dec, int n, const float* p, int ps, float* acc, int d) noexcept {
   const int nv = d / W;
   for (int v0 = 0; v0 < nv; v0 += CV) {
     vf a[JB][CV];
@@ -331,7 +330,7 @@ void row_values(const D& dec, int n, const float* p, int ps, float pscale, float
       vf v[CV];
       for (int i = 0; i < CV; ++i) v[i] = dec.load(t, v0 + i);
       for (int j = 0; j < JB; ++j) {
-        const vf pj = simd::set1(pscale * p[j * ps + t]);
+        const vf pj = simd::set1(p[j * ps + t]);
         for (int i = 0; i < CV; ++i) a[j][i] = simd::fma(v[i], pj, a[j][i]);
       }
     }
@@ -341,10 +340,10 @@ void row_values(const D& dec, int n, const float* p, int ps, float pscale, float
 }
 
 template <int JB, class D>
-void values(const D& dec, int n, const float* p, int ps, float pscale, float* acc, int d) noexcept {
+void values(const D& dec, int n, const float* p, int ps, float* acc, int d) noexcept {
   constexpr int CV = simd::accumulators / JB > 0 ? simd::accumulators / JB : 1;
-  if ((d / W) % CV == 0) row_values<JB, CV>(dec, n, p, ps, pscale, acc, d);
-  else row_values<JB, 1>(dec, n, p, ps, pscale, acc, d);
+  if ((d / W) % CV == 0) row_values<JB, CV>(dec, n, p, ps, acc, d);
+  else row_values<JB, 1>(dec, n, p, ps, acc, d);
 }
 
 /// Calls `f.template operator()<JB>(j0)` for query blocks covering `group` heads: blocks of 8
@@ -448,9 +447,12 @@ void attend_segment(task_state& st, const KD& kd, const VD& vd, int n,
     }
   }
   float* acc = VD::rotated ? st.acc_rot : st.acc_plain;
-  const float vfac = vd.factor();
+  const float vfac = vd.factor();  // the values' head exponent, folded into p
+  if (vfac != 1.0f) {
+    for (int j = 0; j < group; ++j) scale_in_place(p + j * ss, n, vfac);
+  }
   for_query_blocks(group, [&]<int JB>(int j0) noexcept {
-    values<JB>(vd, n, p + j0 * ss, ss, vfac, acc + j0 * d, d);
+    values<JB>(vd, n, p + j0 * ss, ss, acc + j0 * d, d);
   });
 }
 
