@@ -331,7 +331,7 @@ const prefill_input& chunk_input() {
 }
 
 /// Dense bf16 prefill: the OSCAR prefill's algorithm on dense bf16 K/V `[8, 32K + 2K, 128]`:
-/// the same oneDNN primitives (`onednn_matmuls`), 256-token tiles read in place, the same
+/// the same oneDNN primitives (`onednn_matmuls`), 512-token tiles read in place, the same
 /// online softmax rows.
 struct dense_prefill {
   static constexpr index_t kTotal = kPrefillContext + kChunk;
@@ -393,7 +393,7 @@ struct dense_prefill {
         const dnnl::memory v_mem(od::onednn_matmuls::values_weights(dt::bf16, tile, kHeadDim), dnn.engine(),
                                  v.data() + (h * kTotal + t0) * kHeadDim);
         for (index_t r0 = 0; r0 < rows; r0 += rb) {
-          // Query token i sees tokens [0, 32K + i]; the tile covers [t0, t0 + 256).
+          // Query token i sees tokens [0, 32K + i]; the tile covers [t0, t0 + tile).
           const auto visible = [&](index_t r) {
             return static_cast<int>(std::clamp<index_t>(kPrefillContext + r / kGroup + 1 - t0, 0, tile));
           };

@@ -10,7 +10,7 @@
 ///   and, for few entries, over runs of blocks of one entry with an online-softmax combine
 ///   (`detail/cpu_decode.hpp`). Optional query-aware block skipping (`attention/skip.hpp`).
 /// - **prefill** runs oneDNN matmul primitives (f32, or bf16 with `options::compute`) on tiles
-///   of 256 tokens decoded block by block into a small scratch, with an online softmax across
+///   of 512 tokens decoded block by block into a small scratch, with an online softmax across
 ///   tiles; the primitives are created once per shape and cached (`detail/onednn_prefill.hpp`).
 ///
 /// Needs oneDNN (link `oscar::onednn`, which defines `OSCAR_WITH_ONEDNN=1`).

@@ -57,6 +57,16 @@ inline const std::array<float, 256>& e4m3_table() noexcept {
   return table;
 }
 
+/// The rotation's sign diagonal (`oscar::rotation_sign`), for head_dim up to 256.
+inline const float* rotation_signs() noexcept {
+  static const std::array<float, 256> signs = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[static_cast<std::size_t>(i)] = rotation_sign(i);
+    return t;
+  }();
+  return signs.data();
+}
+
 enum class segment_kind : std::uint8_t { sinks, block, window };
 
 /// A run of an entry's tokens the kernels attend to in one go.
@@ -157,6 +167,17 @@ void run_task_on(cpu_isa isa, task_state& st, const entry_work<Cache>& e, int fi
 #endif
   (void)isa;
   cpu_scalar::run_task<Cache>(st, e, first, last, stats_scores, stats_stride);
+}
+
+/// Rotates (or, with `inverse`, unrotates) `rows` head vectors of `d` floats in place.
+inline void rotate_rows_on(cpu_isa isa, float* x, index_t rows, int d, bool inverse) noexcept {
+  for (index_t r = 0; r < rows; ++r) {
+#if OSCAR_ATTENTION_X86_KERNELS
+    if (isa == cpu_isa::avx512) { cpu_avx512::rotate(x + r * d, d, inverse); continue; }
+    if (isa == cpu_isa::avx2) { cpu_avx2::rotate(x + r * d, d, inverse); continue; }
+#endif
+    cpu_scalar::rotate(x + r * d, d, inverse);
+  }
 }
 
 template <class Cache>
@@ -277,7 +298,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
       }
       if constexpr (kernels::key_rotated) {
         e.q_rot = e.q_plain;
-        for (int j = 0; j < group; ++j) rotate_unchecked(e.q_rot.data() + j * d, d);
+        rotate_rows_on(isa, e.q_rot.data(), group, d, false);
       }
     }
   }
@@ -381,7 +402,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
           for (int c = 0; c < d; ++c) rotated[c] += alpha * ar[c];
         }
       }
-      if constexpr (kernels::value_rotated) unrotate_unchecked(rotated.data(), d);
+      if constexpr (kernels::value_rotated) rotate_rows_on(isa, rotated.data(), 1, d, true);
       float* o = out.row(e.b, e.h * group + j);
       const auto inv = static_cast<float>(1.0 / total);
       for (int c = 0; c < d; ++c) o[c] = (plain[c] + rotated[c]) * inv;

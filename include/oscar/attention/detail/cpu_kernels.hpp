@@ -240,6 +240,44 @@ struct token_key_decoder<quant::fpq<C>> {
   }
 };
 
+// ---- rotation ----------------------------------------------------------------------------------
+
+/// In-place unnormalized Walsh-Hadamard transform of `n` floats (a power of two, a multiple
+/// of W): butterflies within vectors (`lane k +- lane k ^ len`) while `len < W`, then between
+/// vectors; the same additions in the same order as `oscar::fwht`, so the same floats.
+inline void fwht(float* x, int n) noexcept {
+  for (int len = 1; len < W && len < n; len <<= 1) {
+    const vf sign = simd::lane_signs(len);
+    for (int i = 0; i < n; i += W) {
+      const vf v = simd::load(x + i);
+      simd::store(x + i, simd::fma(v, sign, simd::swap_lanes(v, len)));
+    }
+  }
+  for (int len = W; len < n; len <<= 1) {
+    for (int i = 0; i < n; i += 2 * len) {
+      for (int j = i; j < i + len; j += W) {
+        const vf a = simd::load(x + j), b = simd::load(x + j + len);
+        simd::store(x + j, simd::add(a, b));
+        simd::store(x + j + len, simd::sub(a, b));
+      }
+    }
+  }
+}
+
+/// `oscar::rotate_unchecked` / `unrotate_unchecked` (bit for bit), vectorized.
+inline void rotate(float* x, int n, bool inverse) noexcept {
+  const float* sign = rotation_signs();
+  const vf scale = simd::set1(rotation_scale(n));
+  if (!inverse) {
+    for (int i = 0; i < n; i += W) simd::store(x + i, simd::mul(simd::load(x + i), simd::load(sign + i)));
+  }
+  fwht(x, n);
+  for (int i = 0; i < n; i += W) {
+    const vf y = simd::mul(simd::load(x + i), scale);
+    simd::store(x + i, inverse ? simd::mul(y, simd::load(sign + i)) : y);
+  }
+}
+
 // ---- scores ----------------------------------------------------------------------------------
 
 /// s[j * ss + t] = q_j . k_t for `n` rows of a row decoder, JB query heads (q: [JB][d]).

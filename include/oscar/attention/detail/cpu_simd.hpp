@@ -91,6 +91,9 @@ struct simd {
     out[0] = a, out[1] = b, out[2] = c, out[3] = d;
   }
   static vf exp2(vf x) noexcept { return std::exp2(x < -126.0f ? -126.0f : x); }
+  /// Lane k <- lane k ^ len, and +1/-1 by bit `len` of k (unused with one lane).
+  static vf swap_lanes(vf v, int) noexcept { return v; }
+  static vf lane_signs(int) noexcept { return 1.0f; }
   static float half_to_float(std::uint16_t h) noexcept { return half_bits_to_float(h); }
   static vf load_half(const std::uint16_t* p) noexcept { return half_bits_to_float(*p); }
   static vf load_bf16(const std::uint16_t* p) noexcept { return bf16_bits_to_float(*p); }
@@ -162,6 +165,15 @@ struct simd {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
                                                          _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static vf swap_lanes(vf v, int len) noexcept {
+    const __m256i idx = _mm256_xor_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(len));
+    return _mm256_permutevar8x32_ps(v, idx);
+  }
+  static vf lane_signs(int len) noexcept {
+    const __m256i bit = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(len));
+    return _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_set1_ps(-1.0f),
+                            _mm256_castsi256_ps(_mm256_cmpeq_epi32(bit, _mm256_set1_epi32(len))));
   }
   static float half_to_float(std::uint16_t h) noexcept { return _cvtsh_ss(h); }
   static vf load_half(const std::uint16_t* p) noexcept {
@@ -265,6 +277,15 @@ struct simd {
     __m512 p = _mm512_set1_ps(exp2_poly[7]);
     for (int k = 6; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_poly[k]));
     return _mm512_scalef_ps(p, n);
+  }
+  static vf swap_lanes(vf v, int len) noexcept {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_permutexvar_ps(_mm512_xor_si512(iota, _mm512_set1_epi32(len)), v);
+  }
+  static vf lane_signs(int len) noexcept {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __mmask16 set = _mm512_test_epi32_mask(iota, _mm512_set1_epi32(len));
+    return _mm512_mask_blend_ps(set, _mm512_set1_ps(1.0f), _mm512_set1_ps(-1.0f));
   }
   static float half_to_float(std::uint16_t h) noexcept { return _cvtsh_ss(h); }
   static vf load_half(const std::uint16_t* p) noexcept {

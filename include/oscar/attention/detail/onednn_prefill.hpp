@@ -5,7 +5,7 @@
 ///
 /// Per KV head, the chunk's queries of the whole group are the rows of one matrix
 /// (`row = chunk_token * group + j`, scaled by `softmax_scale * log2(e)`). The keys and values
-/// the head attends to (sinks, blocks, window, then the chunk itself) are decoded block by
+/// the head attends to (blocks, sinks and window, then the chunk itself) are decoded block by
 /// block into a *tile* of `kTileTokens` rows (`[tile, head_dim]`, f32 or bf16), and per tile
 /// and block of `kRowBlock` query rows:
 ///
@@ -161,14 +161,12 @@ class onednn_matmuls {
 
 // ---- prefill -----------------------------------------------------------------------------------
 
-inline constexpr int kTileTokens = 256;  ///< keys/values per tile
+inline constexpr int kTileTokens = 512;  ///< keys/values per tile
 inline constexpr int kRowBlock = 512;    ///< query rows per matmul
 
 /// Converts a row between the plain and the rotated space.
-inline void to_space(float* row, int d, bool from_rotated, bool to_rotated) noexcept {
-  if (from_rotated == to_rotated) return;
-  if (to_rotated) rotate_unchecked(row, d);
-  else unrotate_unchecked(row, d);
+inline void to_space(cpu_isa isa, float* row, int d, bool from_rotated, bool to_rotated) noexcept {
+  if (from_rotated != to_rotated) rotate_rows_on(isa, row, 1, d, !to_rotated);
 }
 
 template <class Cache, class T>
@@ -243,7 +241,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
       const float* src = q.row(r / group, h * group + static_cast<int>(r % group));
       float* dst = q_f32.data() + r * d;
       for (int c = 0; c < d; ++c) dst[c] = src[c] * scale * log2e;
-      if constexpr (key_rot) rotate_unchecked(dst, d);
+      if constexpr (key_rot) rotate_rows_on(isa, dst, 1, d, false);
     }
     if (bf16) to_bf16_on(isa, q_f32.data(), q_f32.size(), q_bf16.data());
     std::fill(o.begin(), o.end(), 0.0f);
@@ -331,8 +329,8 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
         float* vd = v_tile.data() + static_cast<std::size_t>(filled) * d;
         std::copy(kr, kr + d, kd);
         std::copy(vr, vr + d, vd);
-        to_space(kd, d, k_rotated, key_rot);
-        to_space(vd, d, v_rotated, value_rot);
+        to_space(isa, kd, d, k_rotated, key_rot);
+        to_space(isa, vd, d, v_rotated, value_rot);
         position[filled] = pos;
         if (chunk_index >= 0 && chunk_column == kTileTokens) {
           chunk_column = filled;
@@ -341,21 +339,38 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
         if (++filled == kTileTokens) flush();
       };
 
-      // Cached tokens in entry order, then the chunk.
-      index_t pos = 0;
+      // Blocks first (a tile takes whole blocks, decoded in place), then sinks and window,
+      // then the chunk in order (its causal mask is a prefix). Attention does not depend on
+      // the order of the keys; `position` keeps each one's entry position for statistics.
       std::vector<float> kw(static_cast<std::size_t>(d)), vw(static_cast<std::size_t>(d));
       for (const segment& seg : e.segments) {
-        if (seg.kind == segment_kind::block) {
-          k_block.resize(static_cast<std::size_t>(seg.count) * d);
-          v_block.resize(k_block.size());
-          const auto [kr, vr] = decode_block_on<Cache>(isa, st, e, seg, k_block.data(), v_block.data());
+        if (seg.kind != segment_kind::block) continue;
+        const bool whole = seg.live == seg.count;
+        if (whole && filled + seg.count <= kTileTokens) {
+          float* kd = k_tile.data() + static_cast<std::size_t>(filled) * d;
+          float* vd = v_tile.data() + static_cast<std::size_t>(filled) * d;
+          const auto [kr, vr] = decode_block_on<Cache>(isa, st, e, seg, kd, vd);
           for (int t = 0; t < seg.count; ++t) {
-            if (!seg.valid->test(static_cast<std::size_t>(t))) continue;
-            push(k_block.data() + static_cast<std::size_t>(t) * d,
-                 v_block.data() + static_cast<std::size_t>(t) * d, kr, vr, pos++, -1);
+            to_space(isa, kd + static_cast<std::size_t>(t) * d, d, kr, key_rot);
+            to_space(isa, vd + static_cast<std::size_t>(t) * d, d, vr, value_rot);
+            position[filled + t] = seg.position + t;
           }
+          filled += seg.count;
+          if (filled == kTileTokens) flush();
           continue;
         }
+        k_block.resize(static_cast<std::size_t>(seg.count) * d);
+        v_block.resize(k_block.size());
+        const auto [kr, vr] = decode_block_on<Cache>(isa, st, e, seg, k_block.data(), v_block.data());
+        index_t pos = seg.position;
+        for (int t = 0; t < seg.count; ++t) {
+          if (!seg.valid->test(static_cast<std::size_t>(t))) continue;
+          push(k_block.data() + static_cast<std::size_t>(t) * d,
+               v_block.data() + static_cast<std::size_t>(t) * d, kr, vr, pos++, -1);
+        }
+      }
+      for (const segment& seg : e.segments) {
+        if (seg.kind == segment_kind::block) continue;
         const auto& ks = seg.kind == segment_kind::sinks ? e.view.sink_k : e.view.window_k;
         const auto& vs = seg.kind == segment_kind::sinks ? e.view.sink_v : e.view.window_v;
         for (int t = 0; t < seg.count; ++t) {
@@ -364,7 +379,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
             kw[c] = static_cast<float>(ks[at + c]);
             vw[c] = static_cast<float>(vs[at + c]);
           }
-          push(kw.data(), vw.data(), false, false, pos++, -1);
+          push(kw.data(), vw.data(), false, false, seg.position + t, -1);
         }
       }
       for (index_t i = 0; i < chunk; ++i) {
@@ -384,7 +399,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
       float* orow = o.data() + r * d;
       const auto inv = static_cast<float>(1.0 / l[r]);
       for (int c = 0; c < d; ++c) row[c] = orow[c] * inv;
-      if constexpr (value_rot) unrotate_unchecked(row.data(), d);
+      if constexpr (value_rot) rotate_rows_on(isa, row.data(), 1, d, true);
       std::copy(row.begin(), row.end(), out.row(i, qh));
       if (stats) (*stats)[static_cast<std::size_t>(i * heads + h)].lse += (double(m[r]) + std::log2(l[r])) * ln2 / group;
     }
