@@ -15,6 +15,7 @@
 #include "oscar/cache/kv_cache.hpp"
 #include "oscar/quant/formats.hpp"
 #include "oscar/testing/synthetic_kv.hpp"
+#include "attention_reference.hpp"
 #if defined(OSCAR_WITH_ONEDNN)
 #include "oscar/attention/onednn.hpp"
 #endif
@@ -57,35 +58,6 @@ oscar::testing::dense_kv make_keys(const oscar::testing::dense_kv& qs, index_t t
         k.view()(t, h, c) = -40.0f * qh[c] / float(std::sqrt(norm)) + noise(rng);
   }
   return k;
-}
-
-/// float64 attention of one query head over every token the KV head holds (gathered).
-std::vector<double> full_attention(const c::gathered_head& g, const float* qv, double scale,
-                                   double* max_v_norm) {
-  std::vector<double> s(static_cast<std::size_t>(g.tokens));
-  double top = -HUGE_VAL;
-  for (index_t t = 0; t < g.tokens; ++t) {
-    double dot = 0;
-    for (int c = 0; c < kHeadDim; ++c) dot += double(qv[c]) * g.k[static_cast<std::size_t>(t * kHeadDim + c)];
-    s[static_cast<std::size_t>(t)] = scale * dot;
-    top = std::max(top, scale * dot);
-  }
-  std::vector<double> out(kHeadDim, 0.0);
-  double sum = 0;
-  *max_v_norm = 0;
-  for (index_t t = 0; t < g.tokens; ++t) {
-    const double p = std::exp(s[static_cast<std::size_t>(t)] - top);
-    sum += p;
-    double vn = 0;
-    for (int c = 0; c < kHeadDim; ++c) {
-      const double x = g.v[static_cast<std::size_t>(t * kHeadDim + c)];
-      out[static_cast<std::size_t>(c)] += p * x;
-      vn += x * x;
-    }
-    *max_v_norm = std::max(*max_v_norm, std::sqrt(vn));
-  }
-  for (double& x : out) x /= sum;
-  return out;
 }
 
 template <class Cache>
@@ -231,19 +203,19 @@ TEST_CASE("attention skip: skipped blocks stay within the documented error bound
           total += s.token_mass[static_cast<std::size_t>(t)];
         }
         CHECK(std::abs(total - 1.0) < 1e-6);
+        // Against every token: || o_kept - o || <= n_skipped e^-tau (|| o_kept || + max || v ||).
+        const Eigen::MatrixXd km = oscar_test::as_matrix(g[h].k, g[h].tokens, kHeadDim);
+        const Eigen::MatrixXd vm = oscar_test::as_matrix(g[h].v, g[h].tokens, kHeadDim);
+        const double max_v = vm.rowwise().norm().maxCoeff();
         for (int j = 0; j < kGroup; ++j) {
           const int head = h * kGroup + j;
-          double max_v = 0;
-          const auto want = full_attention(g[h], qs.view().row(0, head), scale, &max_v);
-          double err = 0, norm = 0;
-          for (int c = 0; c < kHeadDim; ++c) {
-            const double got = out[static_cast<std::size_t>(head * kHeadDim + c)];
-            err += (got - want[static_cast<std::size_t>(c)]) * (got - want[static_cast<std::size_t>(c)]);
-            norm += got * got;
-          }
-          // || o_kept - o || <= n_skipped e^-tau (|| o_kept || + max || v ||), + float slack.
-          const double bound = 256.0 * std::exp(-double(tau)) * (std::sqrt(norm) + max_v);
-          CHECK(std::sqrt(err) <= bound + 1e-5 * std::sqrt(norm));
+          const auto want = oscar_test::reference_attention(
+              oscar_test::as_vector(qs.view().row(0, head), kHeadDim), km, vm, scale);
+          const Eigen::Map<const Eigen::VectorXf> got(out.data() + head * kHeadDim, kHeadDim);
+          const double err = (got.cast<double>() - want.out).norm();
+          const double norm = got.cast<double>().norm();
+          const double bound = 256.0 * std::exp(-double(tau)) * (norm + max_v);
+          CHECK(err <= bound + 1e-5 * norm);
         }
       }
     }

@@ -56,6 +56,43 @@ void check_view(kv_view<T> x, index_t tokens, index_t heads, index_t head_dim, c
               "] is not allowed (allowed: [", tokens, ", ", heads, ", ", head_dim, "])");
 }
 
+/// Checks a decode call (everything but what only the cache knows: sequences, empty heads);
+/// returns the softmax scale. Shared by every backend, so they reject the same calls.
+template <class Cache>
+float check_decode(const Cache& cache, int layer, std::span<const cache::seq_id> seqs,
+                   kv_view<const float> q, kv_view<const float> out, const options& opt,
+                   const std::vector<kv_head_stats>* stats) {
+  const auto& cfg = cache.config();
+  const float scale = check_common(cache, layer, opt);
+  const auto batch = static_cast<index_t>(seqs.size());
+  check_view(q, batch, opt.q_heads, cfg.head_dim, "q");
+  check_view(out, batch, opt.q_heads, cfg.head_dim, "out");
+  OSCAR_CHECK(!opt.want_stats || stats != nullptr, errc::invalid_argument,
+              "stats = nullptr is not allowed (allowed: a vector to fill when want_stats)");
+  quant::check_finite(q);
+  return scale;
+}
+
+/// Checks a prefill call (everything but the sequence); returns the softmax scale.
+template <class Cache, class T>
+float check_prefill(const Cache& cache, int layer, kv_view<const float> q, kv_view<const T> k,
+                    kv_view<const T> v, kv_view<const float> out, const options& opt,
+                    const std::vector<kv_head_stats>* stats) {
+  const auto& cfg = cache.config();
+  const float scale = check_common(cache, layer, opt);
+  const index_t chunk = q.tokens;
+  check_view(q, chunk, opt.q_heads, cfg.head_dim, "q");
+  check_view(k, chunk, cfg.kv_heads, cfg.head_dim, "k");
+  check_view(v, chunk, cfg.kv_heads, cfg.head_dim, "v");
+  check_view(out, chunk, opt.q_heads, cfg.head_dim, "out");
+  OSCAR_CHECK(!opt.want_stats || stats != nullptr, errc::invalid_argument,
+              "stats = nullptr is not allowed (allowed: a vector to fill when want_stats)");
+  quant::check_finite(q);
+  quant::check_finite(k);
+  quant::check_finite(v);
+  return scale;
+}
+
 /// Keys and values one query attends to: `[tokens, head_dim]` row-major each.
 struct kv_rows {
   const float* k;
@@ -169,13 +206,8 @@ void decode(backend::host, const Cache& cache, int layer, std::span<const cache:
             kv_view<const float> q, kv_view<float> out, const options& opt,
             std::vector<kv_head_stats>* stats = nullptr) {
   const auto& cfg = cache.config();
-  const double scale = detail::check_common(cache, layer, opt);
+  const double scale = detail::check_decode(cache, layer, seqs, q, out, opt, stats);
   const auto batch = static_cast<index_t>(seqs.size());
-  detail::check_view(q, batch, opt.q_heads, cfg.head_dim, "q");
-  detail::check_view(kv_view<const float>(out), batch, opt.q_heads, cfg.head_dim, "out");
-  OSCAR_CHECK(!opt.want_stats || stats != nullptr, errc::invalid_argument,
-              "stats = nullptr is not allowed (allowed: a vector to fill when want_stats)");
-  quant::check_finite(q);
   std::vector<std::vector<cache::gathered_head>> kv;
   kv.reserve(seqs.size());
   for (index_t b = 0; b < batch; ++b) {
@@ -228,17 +260,8 @@ void prefill(backend::host, const Cache& cache, int layer, cache::seq_id seq,
              kv_view<const float> q, kv_view<const T> k, kv_view<const T> v, kv_view<float> out,
              const options& opt, std::vector<kv_head_stats>* stats = nullptr) {
   const auto& cfg = cache.config();
-  const double scale = detail::check_common(cache, layer, opt);
+  const double scale = detail::check_prefill(cache, layer, q, k, v, out, opt, stats);
   const index_t chunk = q.tokens;
-  detail::check_view(q, chunk, opt.q_heads, cfg.head_dim, "q");
-  detail::check_view(k, chunk, cfg.kv_heads, cfg.head_dim, "k");
-  detail::check_view(v, chunk, cfg.kv_heads, cfg.head_dim, "v");
-  detail::check_view(kv_view<const float>(out), chunk, opt.q_heads, cfg.head_dim, "out");
-  OSCAR_CHECK(!opt.want_stats || stats != nullptr, errc::invalid_argument,
-              "stats = nullptr is not allowed (allowed: a vector to fill when want_stats)");
-  quant::check_finite(q);
-  quant::check_finite(k);
-  quant::check_finite(v);
   const std::vector<cache::gathered_head> cached = cache.gather(seq, layer);
   if (opt.skipped) *opt.skipped = skip_report{};  // prefill attends to every block
   const int group = opt.q_heads / cfg.kv_heads;

@@ -27,7 +27,6 @@
 #include "oscar/cache/config.hpp"
 #include "oscar/core/error.hpp"
 #include "oscar/core/view.hpp"
-#include "oscar/quant/tensor.hpp"
 
 namespace oscar::attention {
 
@@ -40,15 +39,11 @@ template <class Cache>
 void decode(backend::onednn, const Cache& cache, int layer, std::span<const cache::seq_id> seqs,
             kv_view<const float> q, kv_view<float> out, const options& opt,
             std::vector<kv_head_stats>* stats = nullptr) {
-  const auto& cfg = cache.config();
-  const float scale = detail::check_common(cache, layer, opt);
+  const float scale = detail::check_decode(cache, layer, seqs, q, out, opt, stats);
   const auto batch = static_cast<index_t>(seqs.size());
-  detail::check_view(q, batch, opt.q_heads, cfg.head_dim, "q");
-  detail::check_view(kv_view<const float>(out), batch, opt.q_heads, cfg.head_dim, "out");
-  OSCAR_CHECK(!opt.want_stats || stats != nullptr, errc::invalid_argument,
-              "stats = nullptr is not allowed (allowed: a vector to fill when want_stats)");
-  quant::check_finite(q);
-  if (stats && !opt.want_stats) stats->assign(static_cast<std::size_t>(batch * cfg.kv_heads), {});
+  if (stats && !opt.want_stats) {
+    stats->assign(static_cast<std::size_t>(batch * cache.config().kv_heads), {});
+  }
   detail::cpu_decode(cache, layer, seqs, q, out, opt, scale, opt.want_stats ? stats : nullptr);
 }
 
@@ -62,20 +57,11 @@ template <class Cache, class T>
 void prefill(backend::onednn, const Cache& cache, int layer, cache::seq_id seq,
              kv_view<const float> q, kv_view<const T> k, kv_view<const T> v, kv_view<float> out,
              const options& opt, std::vector<kv_head_stats>* stats = nullptr) {
-  const auto& cfg = cache.config();
-  const float scale = detail::check_common(cache, layer, opt);
-  const index_t chunk = q.tokens;
-  detail::check_view(q, chunk, opt.q_heads, cfg.head_dim, "q");
-  detail::check_view(k, chunk, cfg.kv_heads, cfg.head_dim, "k");
-  detail::check_view(v, chunk, cfg.kv_heads, cfg.head_dim, "v");
-  detail::check_view(kv_view<const float>(out), chunk, opt.q_heads, cfg.head_dim, "out");
-  OSCAR_CHECK(!opt.want_stats || stats != nullptr, errc::invalid_argument,
-              "stats = nullptr is not allowed (allowed: a vector to fill when want_stats)");
-  quant::check_finite(q);
-  quant::check_finite(k);
-  quant::check_finite(v);
+  const float scale = detail::check_prefill(cache, layer, q, k, v, out, opt, stats);
   if (opt.skipped) *opt.skipped = skip_report{};
-  if (stats && !opt.want_stats) stats->assign(static_cast<std::size_t>(chunk * cfg.kv_heads), {});
+  if (stats && !opt.want_stats) {
+    stats->assign(static_cast<std::size_t>(q.tokens * cache.config().kv_heads), {});
+  }
   detail::onednn_prefill(cache, layer, seq, q, k, v, out, opt, scale,
                          opt.want_stats ? stats : nullptr);
 }

@@ -35,34 +35,23 @@ constexpr int W = simd::W;
 
 // ---- decoders --------------------------------------------------------------------------------
 
-/// Float rows: scratch blocks and fp32 sinks/window.
-struct float_rows {
+/// Rows of fp32, fp16 or bf16 elements (`E`: float, half, bfloat16): sinks, window, decoded
+/// scratch blocks, and the blocks of the plain formats (a token's tile is head_dim elements).
+template <class E>
+struct plain_rows {
   static constexpr bool rotated = false;
   static constexpr bool tokens_axis = false;
-  const float* p;
-  int stride;  ///< floats between rows
+  const E* p;
+  int stride;  ///< elements between rows
   float factor() const noexcept { return 1.0f; }
-  vf load(int t, int v) const noexcept { return simd::load(p + t * stride + v * W); }
+  vf load(int t, int v) const noexcept {
+    const E* x = p + t * stride + v * W;
+    if constexpr (std::is_same_v<E, float>) return simd::load(x);
+    else if constexpr (std::is_same_v<E, half>) return simd::load_half(&x->bits);
+    else return simd::load_bf16(&x->bits);
+  }
 };
-
-/// fp16 rows: sinks, window, and kv_fp16 blocks (a token's tile is head_dim halves).
-struct half_rows {
-  static constexpr bool rotated = false;
-  static constexpr bool tokens_axis = false;
-  const std::uint16_t* p;
-  int stride;  ///< halves between rows
-  float factor() const noexcept { return 1.0f; }
-  vf load(int t, int v) const noexcept { return simd::load_half(p + t * stride + v * W); }
-};
-
-struct bf16_rows {
-  static constexpr bool rotated = false;
-  static constexpr bool tokens_axis = false;
-  const std::uint16_t* p;
-  int stride;
-  float factor() const noexcept { return 1.0f; }
-  vf load(int t, int v) const noexcept { return simd::load_bf16(p + t * stride + v * W); }
-};
+using float_rows = plain_rows<float>;
 
 /// Decoder of a format grouped along head_dim; the primary template is the generic fallback.
 template <class F, class = void>
@@ -70,33 +59,19 @@ struct row_decoder {
   static constexpr bool fast = false;
 };
 
-template <>
-struct row_decoder<quant::fp16> {
-  static constexpr bool fast = true;
-  using type = half_rows;
-  template <class P>
-  static type make(const std::byte* tiles, std::size_t tile_bytes, const P&) noexcept {
-    return {reinterpret_cast<const std::uint16_t*>(tiles), static_cast<int>(tile_bytes / 2)};
-  }
-};
+template <class F> struct plain_element {};
+template <> struct plain_element<quant::fp32> { using type = float; };
+template <> struct plain_element<quant::fp16> { using type = half; };
+template <> struct plain_element<quant::bf16> { using type = bfloat16; };
 
-template <>
-struct row_decoder<quant::bf16> {
+template <class F>
+struct row_decoder<F, std::void_t<typename plain_element<F>::type>> {
+  using element = typename plain_element<F>::type;
   static constexpr bool fast = true;
-  using type = bf16_rows;
+  using type = plain_rows<element>;
   template <class P>
   static type make(const std::byte* tiles, std::size_t tile_bytes, const P&) noexcept {
-    return {reinterpret_cast<const std::uint16_t*>(tiles), static_cast<int>(tile_bytes / 2)};
-  }
-};
-
-template <>
-struct row_decoder<quant::fp32> {
-  static constexpr bool fast = true;
-  using type = float_rows;
-  template <class P>
-  static type make(const std::byte* tiles, std::size_t tile_bytes, const P&) noexcept {
-    return {reinterpret_cast<const float*>(tiles), static_cast<int>(tile_bytes / 4)};
+    return {reinterpret_cast<const element*>(tiles), static_cast<int>(tile_bytes / sizeof(element))};
   }
 };
 
@@ -556,12 +531,9 @@ void attend_block(task_state& st, const entry_work<Cache>& e, const segment& seg
 }
 
 template <class Cache>
-auto window_rows(const typename Cache::window_type* p, int d) noexcept {
-  if constexpr (std::is_same_v<typename Cache::window_type, float>) {
-    return float_rows{p, d};
-  } else {
-    return half_rows{reinterpret_cast<const std::uint16_t*>(p), d};
-  }
+plain_rows<typename Cache::window_type> window_rows(const typename Cache::window_type* p,
+                                                    int d) noexcept {
+  return {p, d};
 }
 
 /// Runs one task: the segments `[first, last)` of entry `e`, into the partial state `st`.
