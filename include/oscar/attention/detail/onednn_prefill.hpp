@@ -163,6 +163,7 @@ class onednn_matmuls {
 
 inline constexpr int kTileTokens = 512;  ///< keys/values per tile
 inline constexpr int kRowBlock = 512;    ///< query rows per matmul
+inline constexpr int kRows = 16;         ///< rows per task of the element-wise steps
 
 /// Converts a row between the plain and the rotated space.
 inline void to_space(cpu_isa isa, float* row, int d, bool from_rotated, bool to_rotated) noexcept {
@@ -227,7 +228,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
   std::vector<float> k_tile(tile_elems), v_tile(tile_elems);
   std::vector<std::uint16_t> k_bf16(bf16 ? tile_elems : 0), v_bf16(bf16 ? tile_elems : 0);
   std::vector<index_t> position(kTileTokens);
-  std::vector<float> k_block, v_block, row(static_cast<std::size_t>(d));
+  std::vector<float> k_block, v_block;
   task_state st;
   st.prepare(d, group, false);
   for (int t = 0; t < cache::tier_count; ++t) st.layouts[t] = cache.layout(static_cast<cache::tier>(t));
@@ -236,14 +237,19 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
     const entry_work<Cache>& e = entries[static_cast<std::size_t>(h)];
     const index_t cached = e.tokens;
     // Queries of the group as rows, in base-2 score units and the keys' space.
-    std::fill(q_f32.begin(), q_f32.end(), 0.0f);
-    for (index_t r = 0; r < rows; ++r) {
-      const float* src = q.row(r / group, h * group + static_cast<int>(r % group));
-      float* dst = q_f32.data() + r * d;
-      for (int c = 0; c < d; ++c) dst[c] = src[c] * scale * log2e;
-      if constexpr (key_rot) rotate_rows_on(isa, dst, 1, d, false);
-    }
-    if (bf16) to_bf16_on(isa, q_f32.data(), q_f32.size(), q_bf16.data());
+    parallel_for((rows + kRows - 1) / kRows, threads, [&](index_t task) noexcept {
+      const index_t r1 = std::min(rows, task * kRows + kRows);
+      for (index_t r = task * kRows; r < r1; ++r) {
+        const float* src = q.row(r / group, h * group + static_cast<int>(r % group));
+        float* dst = q_f32.data() + r * d;
+        for (int c = 0; c < d; ++c) dst[c] = src[c] * scale * log2e;
+      }
+      if constexpr (key_rot) rotate_rows_on(isa, q_f32.data() + task * kRows * d, r1 - task * kRows, d, false);
+      if (bf16) {
+        to_bf16_on(isa, q_f32.data() + task * kRows * d, static_cast<std::size_t>(r1 - task * kRows) * d,
+                   q_bf16.data() + task * kRows * d);
+      }
+    });
     std::fill(o.begin(), o.end(), 0.0f);
     std::fill(m.begin(), m.end(), -HUGE_VALF);
     std::fill(l.begin(), l.end(), 0.0);
@@ -254,13 +260,33 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
       int chunk_column = kTileTokens;  // first column holding a chunk token
       index_t chunk_first = 0;         // that token's chunk index
 
+      // Whole blocks waiting to be decoded into the tile, with their first row.
+      std::vector<std::pair<const segment*, int>> pending;
+      const auto decode_pending = [&] {
+        parallel_for(static_cast<index_t>(pending.size()), threads, [&](index_t i) noexcept {
+          const auto [seg, first] = pending[static_cast<std::size_t>(i)];
+          float* kd = k_tile.data() + static_cast<std::size_t>(first) * d;
+          float* vd = v_tile.data() + static_cast<std::size_t>(first) * d;
+          const auto [kr, vr] = decode_block_on<Cache>(isa, st, e, *seg, kd, vd);
+          for (int t = 0; t < seg->count; ++t) {
+            to_space(isa, kd + static_cast<std::size_t>(t) * d, d, kr, key_rot);
+            to_space(isa, vd + static_cast<std::size_t>(t) * d, d, vr, value_rot);
+          }
+        });
+        pending.clear();
+      };
+
       const auto flush = [&] {
+        decode_pending();
         if (filled == 0) return;
         std::fill(k_tile.begin() + static_cast<std::ptrdiff_t>(filled) * d, k_tile.end(), 0.0f);
         std::fill(v_tile.begin() + static_cast<std::ptrdiff_t>(filled) * d, v_tile.end(), 0.0f);
         if (bf16) {
-          to_bf16_on(isa, k_tile.data(), tile_elems, k_bf16.data());
-          to_bf16_on(isa, v_tile.data(), tile_elems, v_bf16.data());
+          parallel_for(kTileTokens / kRows, threads, [&](index_t task) noexcept {
+            const std::size_t at = static_cast<std::size_t>(task * kRows) * d;
+            to_bf16_on(isa, k_tile.data() + at, static_cast<std::size_t>(kRows) * d, k_bf16.data() + at);
+            to_bf16_on(isa, v_tile.data() + at, static_cast<std::size_t>(kRows) * d, v_bf16.data() + at);
+          });
         }
         void* kp = bf16 ? static_cast<void*>(k_bf16.data()) : k_tile.data();
         void* vp = bf16 ? static_cast<void*>(v_bf16.data()) : v_tile.data();
@@ -298,8 +324,8 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
             }
             continue;
           }
-          parallel_for((block_rows + 15) / 16, threads, [&](index_t task) noexcept {
-            for (index_t r = r0 + task * 16; r < std::min(r0 + block_rows, r0 + task * 16 + 16); ++r) {
+          parallel_for((block_rows + kRows - 1) / kRows, threads, [&](index_t task) noexcept {
+            for (index_t r = r0 + task * kRows; r < std::min(r0 + block_rows, r0 + (task + 1) * kRows); ++r) {
               const index_t rr = r - r0;
               float* sr = s.data() + rr * kTileTokens;
               float* orow = o.data() + r * d;
@@ -346,15 +372,9 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
       for (const segment& seg : e.segments) {
         if (seg.kind != segment_kind::block) continue;
         const bool whole = seg.live == seg.count;
-        if (whole && filled + seg.count <= kTileTokens) {
-          float* kd = k_tile.data() + static_cast<std::size_t>(filled) * d;
-          float* vd = v_tile.data() + static_cast<std::size_t>(filled) * d;
-          const auto [kr, vr] = decode_block_on<Cache>(isa, st, e, seg, kd, vd);
-          for (int t = 0; t < seg.count; ++t) {
-            to_space(isa, kd + static_cast<std::size_t>(t) * d, d, kr, key_rot);
-            to_space(isa, vd + static_cast<std::size_t>(t) * d, d, vr, value_rot);
-            position[filled + t] = seg.position + t;
-          }
+        if (whole && filled + seg.count <= kTileTokens) {  // decoded in place, with the others
+          pending.emplace_back(&seg, filled);
+          for (int t = 0; t < seg.count; ++t) position[filled + t] = seg.position + t;
           filled += seg.count;
           if (filled == kTileTokens) flush();
           continue;
@@ -393,15 +413,20 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
     }
 
     // Normalize, back to the plain space, out.
-    for (index_t r = 0; r < rows; ++r) {
-      const index_t i = r / group;
-      const int qh = h * group + static_cast<int>(r % group);
-      float* orow = o.data() + r * d;
-      const auto inv = static_cast<float>(1.0 / l[r]);
-      for (int c = 0; c < d; ++c) row[c] = orow[c] * inv;
-      if constexpr (value_rot) rotate_rows_on(isa, row.data(), 1, d, true);
-      std::copy(row.begin(), row.end(), out.row(i, qh));
-      if (stats) (*stats)[static_cast<std::size_t>(i * heads + h)].lse += (double(m[r]) + std::log2(l[r])) * ln2 / group;
+    parallel_for((rows + kRows - 1) / kRows, threads, [&](index_t task) noexcept {
+      for (index_t r = task * kRows; r < std::min(rows, task * kRows + kRows); ++r) {
+        float* orow = o.data() + r * d;
+        const auto inv = static_cast<float>(1.0 / l[r]);
+        for (int c = 0; c < d; ++c) orow[c] *= inv;
+        if constexpr (value_rot) rotate_rows_on(isa, orow, 1, d, true);
+        std::copy(orow, orow + d, out.row(r / group, h * group + static_cast<int>(r % group)));
+      }
+    });
+    if (stats) {
+      for (index_t r = 0; r < rows; ++r) {
+        (*stats)[static_cast<std::size_t>(r / group * heads + h)].lse +=
+            (double(m[r]) + std::log2(l[r])) * ln2 / group;
+      }
     }
   }
 }
