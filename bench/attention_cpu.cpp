@@ -21,10 +21,12 @@
 /// the difference is what reading the compressed cache costs).
 ///
 /// Each decode row runs 5 times and each prefill row 3, the repetitions of all rows in random
-/// order (Google Benchmark's random interleaving, on by default here); the summary gives medians: time, speed-up over dense fp32 and dense bf16, bytes read, and the floor.
+/// order (Google Benchmark's random interleaving, on by default here); the summary gives
+/// medians: time, speed-up over dense fp32 and dense bf16, bytes read, and the floor.
 /// K/V are synthetic (`oscar/testing/synthetic_kv.hpp`), 8192 tokens repeated; building the
 /// three caches (164K tokens each through `kv_cache::append`, the host reference encoders)
-/// takes a minute, in parallel threads, before the first row and outside every timing.
+/// takes 20 s to a minute, in parallel threads, before the first OSCAR row and outside every
+/// timing.
 /// Build with OpenMP (bench/CMakeLists.txt does): OSCAR's kernels then share oneDNN's threads.
 
 #include <benchmark/benchmark.h>
