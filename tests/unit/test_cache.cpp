@@ -936,11 +936,11 @@ TEST_CASE("kv_cache: random operations match the reference model (FP2+/FP4+/fp16
 TEST_CASE("kv_cache: random operations match the reference model (default FP2+ cache)",
           "[cache]") {
   // FP2+ keys are encoded 128 tokens at a time: one chunk per 128-token block, two per 256.
-  for (std::uint64_t seed : {16u, 17u}) run_random_ops<default_cache>(small_config(128), {10, 10, 10}, seed, 600);
+  run_random_ops<default_cache>(small_config(128), {10, 10, 10}, 16, 500);
   auto odd = small_config(256);
   odd.sink_tokens = 3;
   odd.window_tokens = 70;  // not a multiple of the chunk
-  run_random_ops<default_cache>(odd, {5, 5, 5}, 18, 500);
+  run_random_ops<default_cache>(odd, {5, 5, 5}, 18, 400);
 }
 
 TEST_CASE("kv_cache: random operations match the reference model (KIVI-2/KIVI-4/fp16 tiers)",
