@@ -169,7 +169,7 @@ format_entry entry(const char* name) {
 // format for K and V, or per-channel keys (groups along tokens, as KIVI) with per-token values;
 // codebook (u/lm), group size and axis (g<N>h per token, g<N>t per channel), scale type,
 // rotation, zero point, outliers (o<N>) and the clip search (minmax: none) each vary. The
-// default FP2+ is "k:fp2-u-g128t-fp16-z-o3-minmax/v:fp2-lm-g64h-e4m3-rot".
+// default FP2+ is "k:fp2-lm-g128t-fp16-z-o3-minmax/v:fp2-lm-g64h-e4m3-rot".
 template <q::fpq_config C>
 using fpq = q::fpq<C>;
 constexpr q::fpq_config lm16_e4m3_rot{.group = 16, .scale = q::scale_type::e4m3, .rotate = true};

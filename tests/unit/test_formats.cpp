@@ -345,7 +345,7 @@ TEST_CASE("fp8 e4m3 baseline: per-head scale maps the head's absmax to 448", "[f
 }
 
 TEST_CASE("formats: names are unique and describe the configuration", "[formats]") {
-  CHECK(q::format_traits<q::fp2plus_key>::name == "fp2-u-g128t-fp16-z-o3-minmax");
+  CHECK(q::format_traits<q::fp2plus_key>::name == "fp2-lm-g128t-fp16-z-o3-minmax");
   CHECK(q::format_traits<q::fp2plus_value>::name == "fp2-lm-g64h-e4m3-rot");
   CHECK(q::format_traits<q::fp2plus_g16>::name == "fp2-lm-g16h-e4m3-rot");
   CHECK(q::format_traits<q::kivi_key<2>>::name == "fp2-u-g32t-fp16-z-minmax");

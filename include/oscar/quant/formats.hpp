@@ -30,15 +30,15 @@ using kivi_value = fpq<fpq_config{.bits = Bits, .levels = codebook::uniform, .gr
 
 // ---- FP2+ and FP4+ defaults -------------------------------------------------------------------
 
-/// FP2+ keys (the default): uniform 2-bit codes on the min/max of per-channel groups of 128
-/// tokens, fp16 scale and min, and each group's 3 most extreme tokens kept exactly as fp16
-/// outliers: 2 + (2 + 2 + 3 * 3) * 8 / 128 = 2.8125 bits per element. Keys have outlier
+/// FP2+ keys (the default): 2-bit Lloyd-Max codes spanning the min/max of per-channel groups of
+/// 128 tokens (fp16 scale and zero point), and each group's 3 most extreme tokens kept exactly
+/// as fp16 outliers: 2 + (2 + 2 + 3 * 3) * 8 / 128 = 2.8125 bits per element. Keys have outlier
 /// *channels* with heavy-tailed tokens: a per-channel group gives each channel its own range,
 /// the outliers keep a few extreme tokens from stretching that range for the rest, and no
 /// clipping (a clipped outlier token is exactly what attention looks at). Tiles hold 128
 /// tokens, so a cache storing FP2+ ages tokens out of its window 128 at a time.
 inline constexpr fpq_config fp2plus_key_config{
-    .bits = 2, .levels = codebook::uniform, .group = 128, .axis = group_axis::tokens,
+    .bits = 2, .levels = codebook::lloyd_max, .group = 128, .axis = group_axis::tokens,
     .scale = scale_type::fp16, .zero_point = true, .outliers = 3, .search_scale = false};
 /// FP2+ values: randomized Hadamard rotation of each head vector (spreads outlier channels), then
 /// 2-bit Lloyd-Max codes in groups of 64 channels with an e4m3 scale chosen by MSE search,
