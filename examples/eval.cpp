@@ -42,7 +42,7 @@ struct settings {
   std::string tokens_file;
   int generate = 0;
   std::vector<std::string> formats = {"fp16", "fp8",     "q8_0",    "q4_0",      "kivi4",
-                                      "fp4plus", "kivi2", "fp2plus", "fp2plus-kc"};
+                                      "fp4plus", "kivi2", "fp2plus"};
   int window = 64;
   int sinks = 4;
   int max_tokens = 0;  // 0: the model's context length
@@ -69,7 +69,9 @@ template <class KV>
 trace run(const oscar_engine::model& model, const std::vector<int>& tokens, int sinks, int window,
           const char* label) {
   using cache_type = c::kv_cache<KV, KV, KV>;
-  const c::cache_config cfg = oscar_engine::cache_config_for(model, sinks, window);
+  // 64-token blocks, or one tile of a format that groups more tokens.
+  const int tile = std::max(q::tokens_per_tile<typename KV::key>(), q::tokens_per_tile<typename KV::value>());
+  const c::cache_config cfg = oscar_engine::cache_config_for(model, sinks, window, std::max(64, tile));
   cache_type cache(cfg, oscar_engine::pool_budget_for<cache_type>(model, cfg));
   trace out;
   {
@@ -164,7 +166,10 @@ format_entry entry(const char* name) {
 }
 
 // FP2+ family variants at <= 2.5 bits per element for the sweep (`--formats sweep`): the same
-// format for K and V, or per-channel keys (groups along tokens, as KIVI) with per-token values.
+// format for K and V, or per-channel keys (groups along tokens, as KIVI) with per-token values;
+// codebook (u/lm), group size and axis (g<N>h per token, g<N>t per channel), scale type,
+// rotation, zero point, outliers (o<N>) and the clip search (minmax: none) each vary. The
+// default FP2+ is "k:fp2-lm-g128t-fp16-z-o3-minmax/v:fp2-lm-g64h-e4m3-rot".
 template <q::fpq_config C>
 using fpq = q::fpq<C>;
 constexpr q::fpq_config lm16_e4m3_rot{.group = 16, .scale = q::scale_type::e4m3, .rotate = true};
@@ -182,6 +187,26 @@ constexpr q::fpq_config lm64_z_tokens{.group = 64, .axis = q::group_axis::tokens
 constexpr q::fpq_config u64_z_tokens_minmax{.levels = q::codebook::uniform, .group = 64,
                                             .axis = q::group_axis::tokens, .zero_point = true,
                                             .search_scale = false};
+constexpr q::fpq_config u64_z_o1_tokens_minmax{.levels = q::codebook::uniform, .group = 64,
+                                               .axis = q::group_axis::tokens, .zero_point = true,
+                                               .outliers = 1, .search_scale = false};
+constexpr q::fpq_config u128_z_o2_tokens_minmax{.levels = q::codebook::uniform, .group = 128,
+                                                .axis = q::group_axis::tokens, .zero_point = true,
+                                                .outliers = 2, .search_scale = false};
+constexpr q::fpq_config u128_z_o1_tokens_minmax{.levels = q::codebook::uniform, .group = 128,
+                                                .axis = q::group_axis::tokens, .zero_point = true,
+                                                .outliers = 1, .search_scale = false};
+constexpr q::fpq_config u128_z_o3_tokens_minmax{.levels = q::codebook::uniform, .group = 128,
+                                                .axis = q::group_axis::tokens, .zero_point = true,
+                                                .outliers = 3, .search_scale = false};
+constexpr q::fpq_config lm128_z_o3_tokens_minmax{.group = 128, .axis = q::group_axis::tokens,
+                                                 .zero_point = true, .outliers = 3,
+                                                 .search_scale = false};
+constexpr q::fpq_config lm64_e4m3_rot{.group = 64, .scale = q::scale_type::e4m3, .rotate = true};
+constexpr q::fpq_config lm64_e4m3{.group = 64, .scale = q::scale_type::e4m3};
+constexpr q::fpq_config u64_e4m3_rot{.levels = q::codebook::uniform, .group = 64,
+                                     .scale = q::scale_type::e4m3, .rotate = true};
+constexpr q::fpq_config lm32_e4m3_rot{.group = 32, .scale = q::scale_type::e4m3, .rotate = true};
 template <q::fpq_config K, q::fpq_config V>
 struct pair : q::kv_format<fpq<K>, fpq<V>> {};
 
@@ -197,7 +222,21 @@ std::vector<format_entry> sweep_formats() {
           entry<pair<lm64_z_tokens, lm16_e4m3_rot>>("k:fp2-lm-g64t-fp16-z/v:fp2-lm-g16h-e4m3-rot"),
           entry<pair<u64_z_tokens_minmax, lm16_e4m3_rot>>(
               "k:fp2-u-g64t-fp16-z-minmax/v:fp2-lm-g16h-e4m3-rot"),
-          entry<pair<u64_z_tokens, lm32_rot>>("k:fp2-u-g64t-fp16-z/v:fp2-lm-g32h-fp16-rot")};
+          entry<pair<u64_z_tokens, lm32_rot>>("k:fp2-u-g64t-fp16-z/v:fp2-lm-g32h-fp16-rot"),
+          entry<pair<u64_z_o1_tokens_minmax, lm64_e4m3_rot>>(
+              "k:fp2-u-g64t-fp16-z-o1-minmax/v:fp2-lm-g64h-e4m3-rot"),
+          entry<pair<u128_z_o2_tokens_minmax, lm32_e4m3_rot>>(
+              "k:fp2-u-g128t-fp16-z-o2-minmax/v:fp2-lm-g32h-e4m3-rot"),
+          entry<pair<u128_z_o1_tokens_minmax, lm32_e4m3_rot>>(
+              "k:fp2-u-g128t-fp16-z-o1-minmax/v:fp2-lm-g32h-e4m3-rot"),
+          entry<pair<u128_z_o3_tokens_minmax, lm64_e4m3_rot>>(
+              "k:fp2-u-g128t-fp16-z-o3-minmax/v:fp2-lm-g64h-e4m3-rot"),
+          entry<pair<u128_z_o3_tokens_minmax, lm64_e4m3>>(
+              "k:fp2-u-g128t-fp16-z-o3-minmax/v:fp2-lm-g64h-e4m3"),
+          entry<pair<u128_z_o3_tokens_minmax, u64_e4m3_rot>>(
+              "k:fp2-u-g128t-fp16-z-o3-minmax/v:fp2-u-g64h-e4m3-rot"),
+          entry<pair<lm128_z_o3_tokens_minmax, lm64_e4m3_rot>>(
+              "k:fp2-lm-g128t-fp16-z-o3-minmax/v:fp2-lm-g64h-e4m3-rot")};
 }
 
 std::vector<format_entry> known_formats() {
@@ -205,7 +244,7 @@ std::vector<format_entry> known_formats() {
       entry<q::kv_fp32>("fp32"),   entry<q::kv_fp16>("fp16"),   entry<q::kv_fp8>("fp8"),
       entry<q::kv_q8_0>("q8_0"),   entry<q::kv_q4_0>("q4_0"),   entry<q::kivi2>("kivi2"),
       entry<q::kivi4>("kivi4"),    entry<q::fp2plus>("fp2plus"), entry<q::fp4plus>("fp4plus"),
-      entry<q::fp2plus_kc>("fp2plus-kc")};
+      entry<q::fp2plus_kh>("fp2plus-kh"), entry<q::fp2plus_kc>("fp2plus-kc")};
   for (format_entry& f : sweep_formats()) all.push_back(std::move(f));
   return all;
 }

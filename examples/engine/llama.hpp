@@ -337,9 +337,10 @@ class model {
 };
 
 /// A cache configuration shaped for `m`: its layers, KV heads and head_dim, with `sinks` fp16
-/// sink tokens and a fp16 window of `window` tokens per (layer, KV head).
+/// sink tokens and a fp16 window of `window` tokens per (layer, KV head). The default 128-token
+/// blocks hold one tile of the default FP2+ keys (per-channel groups of 128 tokens).
 inline oscar::cache::cache_config cache_config_for(const model& m, int sinks, int window,
-                                                   int block_tokens = 64) {
+                                                   int block_tokens = 128) {
   const model_config& c = m.config();
   oscar::cache::cache_config cfg;
   cfg.layers = c.n_layers;
