@@ -44,7 +44,7 @@ struct result {
   bool finite = true;
 };
 
-template <int D>
+template <int D, bool Exact>
 result run_case(int group, int records, std::uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -122,7 +122,7 @@ result run_case(int group, int records, std::uint32_t seed) {
     const int g = w.lane() >> 2, t = w.lane() & 3;
     mma::warp_state<D> st;
     mma::warp_begin<D>(w, st, g < group ? query.data() + g * D : nullptr, scale_log2);
-    for (int r = 0; r < records; ++r) mma::warp_record<D>(w, st, recs.data() + static_cast<std::size_t>(r) * geo.bytes);
+    for (int r = 0; r < records; ++r) mma::warp_record<D, Exact>(w, st, recs.data() + static_cast<std::size_t>(r) * geo.bytes);
     float o[D / 16][4], m[2], l[2];
     mma::warp_end<D>(w, st, mma::pow2(vparams.scale_exponent), V::level(3), V::level(2), o, m, l);
     for (int grp = 0; grp < D / 16; ++grp) {
@@ -169,15 +169,22 @@ int main() {
   // a wrong fragment, code or scale gives errors of order 1.
   constexpr double tolerance = 5e-3;
   std::uint32_t seed = 0x05ca7u;
-  for (int d : {64, 128}) {
-    for (int group : {1, 2, 4, 8}) {
-      for (int records : {1, 3, 8}) {
-        const result r = d == 64 ? run_case<64>(group, records, ++seed) : run_case<128>(group, records, ++seed);
-        const bool ok = r.finite && r.max_rel < tolerance && r.max_l_rel < 4 * tolerance;
-        std::printf("%s head_dim %3d group %d records %d: max rel err %.2e, softmax sum rel err %.2e%s\n",
-                    ok ? "ok  " : "FAIL", d, group, records, r.max_rel, r.max_l_rel,
-                    r.finite ? "" : " (non-finite output)");
-        ++(ok ? passed : failed);
+  for (bool exact : {false, true}) {
+    for (int d : {64, 128}) {
+      for (int group : {1, 2, 4, 8}) {
+        for (int records : {1, 3, 8}) {
+          ++seed;
+          const result r = d == 64 ? (exact ? run_case<64, true>(group, records, seed)
+                                            : run_case<64, false>(group, records, seed))
+                                   : (exact ? run_case<128, true>(group, records, seed)
+                                            : run_case<128, false>(group, records, seed));
+          const bool ok = r.finite && r.max_rel < tolerance && r.max_l_rel < 4 * tolerance;
+          std::printf("%s %s logits, head_dim %3d group %d records %d: max rel err %.2e, softmax "
+                      "sum rel err %.2e%s\n",
+                      ok ? "ok  " : "FAIL", exact ? "exact" : "fp16 ", d, group, records,
+                      r.max_rel, r.max_l_rel, r.finite ? "" : " (non-finite output)");
+          ++(ok ? passed : failed);
+        }
       }
     }
   }

@@ -13,22 +13,27 @@
 /// on `stream`; nothing waits, except that the workspace grows (a device allocation) the first
 /// time a call needs more scratch than it holds.
 ///
-/// Kernels: for the mma layout (FP2+ with per-channel keys, head_dim 64/128) on sm_80+ and up
-/// to 8 query heads per KV head, the tensor-core kernel (decode_mma.cuh); otherwise the generic
-/// kernel (decode_generic.cuh), which also serves HIP. Both split each (sequence, KV head) into
+/// Kernels: for the mma layout (FP2+ with per-channel keys, head_dim 64/128) on sm_80+, the
+/// tensor-core kernel (decode_mma.cuh; groups of more than 8 query heads read each record once
+/// per 8 heads); otherwise the generic kernel (decode_generic.cuh), which also serves HIP. Both split each (sequence, KV head) into
 /// enough work items to fill the device, then `combine_kernel` merges them.
 #pragma once
+
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <map>
+#include <mutex>
 #include <span>
+#include <tuple>
+#include <type_traits>
 
 #include "oscar/attention/types.hpp"
 #include "oscar/backend/gpu/decode_common.cuh"
 #include "oscar/backend/gpu/decode_generic.cuh"
 #include "oscar/backend/gpu/paged_kv.cuh"
-#include "oscar/backend/gpu/runtime.cuh"
 #include "oscar/backend/tags.hpp"
 #include "oscar/core/error.hpp"
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
@@ -44,6 +49,9 @@ enum class decode_kernel { automatic, generic, tensor_core };
 struct decode_config {
   decode_kernel kernel = decode_kernel::automatic;
   int splits = 0;  ///< work items per (sequence, KV head) for the blocks; 0 = fill the device
+  /// Tensor-core kernel: compute the key products with q * scale in fp16 alone (logits to
+  /// about 11 bits; fewer tensor-core operations) instead of the hi + lo split (about 22 bits).
+  bool fp16_logits = false;
 };
 
 /// Device scratch of decode calls (partial results), reused across calls; grows on demand.
@@ -77,9 +85,15 @@ class decode_workspace {
 
 namespace detail {
 
+/// Raises a kernel's dynamic shared memory limit to `bytes` (a runtime call only the first
+/// time a kernel needs more than it was allowed).
 template <class Kernel>
 void allow_shared(Kernel kernel, std::size_t bytes) {
-  if (bytes <= 48 * 1024) return;
+  static std::mutex lock;
+  static std::map<const void*, std::size_t> allowed;  // per kernel
+  const std::lock_guard<std::mutex> guard(lock);
+  std::size_t& limit = allowed.try_emplace(reinterpret_cast<const void*>(kernel), 48 * 1024).first->second;
+  if (bytes <= limit) return;
 #if defined(OSCAR_GPU_RUNTIME_HIP)
   check(hipFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                             hipFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
@@ -89,10 +103,18 @@ void allow_shared(Kernel kernel, std::size_t bytes) {
                              static_cast<int>(bytes)),
         "cudaFuncSetAttribute (dynamic shared memory)");
 #endif
+  limit = bytes;
 }
 
+/// Blocks of `kernel` (with `threads` threads and `smem` bytes of dynamic shared memory) one
+/// multiprocessor holds at once; asked once per kernel and size.
 template <class Kernel>
 int resident_blocks(Kernel kernel, int threads, std::size_t smem) {
+  static std::mutex lock;
+  static std::map<std::tuple<const void*, int, std::size_t>, int> known;
+  const std::lock_guard<std::mutex> guard(lock);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem);
+  if (auto it = known.find(key); it != known.end()) return it->second;
   int blocks = 0;
 #if defined(OSCAR_GPU_RUNTIME_HIP)
   check(hipOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem),
@@ -101,7 +123,9 @@ int resident_blocks(Kernel kernel, int threads, std::size_t smem) {
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
 #endif
-  return std::max(blocks, 1);
+  blocks = std::max(blocks, 1);
+  known.emplace(key, blocks);
+  return blocks;
 }
 
 /// Work items per entry: enough blocks to fill the device once (the window blocks included),
@@ -164,7 +188,7 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
   bool tensor_cores = false;
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
   tensor_cores =
-      has_mma_layout_v<KV> && cache.layout() == block_layout::mma && G <= 8 && dev.major >= 8;
+      has_mma_layout_v<KV> && cache.layout() == block_layout::mma && dev.major >= 8;
 #endif
   if (cfg.kernel == decode_kernel::generic) tensor_cores = false;
   OSCAR_CHECK(cfg.kernel != decode_kernel::tensor_core || tensor_cores, errc::unsupported,
@@ -172,8 +196,8 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
               "newer, a cache in the mma layout (FP2+ with per-channel keys, head_dim 64 or 128) "
               "and at most 8 query heads per KV head");
   OSCAR_CHECK(tensor_cores || cache.layout() == block_layout::native, errc::unsupported,
-              "a cache in the mma layout needs the tensor-core kernel (CUDA, sm_80+, at most 8 "
-              "query heads per KV head); create the cache with a native layout for other cases");
+              "a cache in the mma layout needs the tensor-core kernel (CUDA, sm_80+); create the "
+              "cache with paged_kv_options::native_layout for other devices");
 
   const int threads = 128;
   std::size_t smem = 0;
@@ -181,24 +205,29 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
   if (tensor_cores) {
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
     if constexpr (has_mma_layout_v<KV>) {
-    auto kernel = d == 64 ? decode_mma_kernel<KV, 64> : decode_mma_kernel<KV, 128>;
-    smem = mma_shared_bytes(d, G);
-    allow_shared(kernel, smem);
-    if (splits <= 0) {
-      const int resident = resident_blocks(kernel, threads, smem) * dev.multiprocessors;
-      splits = choose_splits(resident, batch * H, longest / mma::record_tokens, 2 * mma_warps);
-    }
-    prm.splits = splits;
-    prm.partials = splits + 1;
-    prm.window_partial = splits;
-    ws.reserve(static_cast<std::size_t>(batch) * H * prm.partials * G * d,
-               static_cast<std::size_t>(batch) * H * prm.partials * G * 2);
-    prm.part_o = ws.o();
-    prm.part_ml = ws.ml();
-    kernel<<<dim3(static_cast<unsigned>(splits + 1), static_cast<unsigned>(H),
-                  static_cast<unsigned>(batch)),
-             threads, smem, stream>>>(prm);
-    check_launch("decode_mma_kernel");
+      auto pick = [&](auto exact) {
+        constexpr bool e = decltype(exact)::value;
+        return d == 64 ? decode_mma_kernel<KV, 64, e> : decode_mma_kernel<KV, 128, e>;
+      };
+      auto kernel = cfg.fp16_logits ? pick(std::false_type{}) : pick(std::true_type{});
+      smem = mma_shared_bytes(d, G);
+      allow_shared(kernel, smem);
+      prm.query_tiles = (G + 7) / 8;
+      if (splits <= 0) {
+        splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors, batch * H * prm.query_tiles,
+                               longest / mma::record_tokens, 2 * mma_warps);
+      }
+      prm.splits = splits;
+      prm.partials = splits + 1;
+      prm.window_partial = splits;
+      ws.reserve(static_cast<std::size_t>(batch) * H * prm.partials * G * d,
+                 static_cast<std::size_t>(batch) * H * prm.partials * G * 2);
+      prm.part_o = ws.o();
+      prm.part_ml = ws.ml();
+      kernel<<<dim3(static_cast<unsigned>(splits + 1), static_cast<unsigned>(H * prm.query_tiles),
+                    static_cast<unsigned>(batch)),
+               threads, smem, stream>>>(prm);
+      check_launch("decode_mma_kernel");
     }
 #endif
   } else {
@@ -207,8 +236,8 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
     auto kernel = decode_generic_kernel<KV>;
     allow_shared(kernel, smem);
     if (splits <= 0) {
-      const int resident = resident_blocks(kernel, threads, smem) * dev.multiprocessors;
-      splits = choose_splits(resident, batch * H, (longest + unit - 1) / unit, 2);
+      splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors,
+                             batch * H, (longest + unit - 1) / unit, 2);
     }
     prm.splits = splits;
     prm.partials = splits + 1;

@@ -18,6 +18,8 @@
 /// `-fmad=false`, clang `-ffp-contract=off`), as the host reference is.
 #pragma once
 
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -25,7 +27,6 @@
 
 #include "oscar/backend/gpu/layout.hpp"
 #include "oscar/backend/gpu/paged_kv_view.hpp"
-#include "oscar/backend/gpu/runtime.cuh"
 #include "oscar/backend/gpu/warp.cuh"
 #include "oscar/core/hadamard.hpp"
 #include "oscar/core/numeric.hpp"

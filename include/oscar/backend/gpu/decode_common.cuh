@@ -13,12 +13,13 @@
 ///   window's part, normalizes and writes `out`.
 #pragma once
 
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 
 #include "oscar/backend/gpu/paged_kv_view.hpp"
-#include "oscar/backend/gpu/runtime.cuh"
 #include "oscar/backend/gpu/warp.cuh"
 #include "oscar/core/hadamard.hpp"
 #include "oscar/core/numeric.hpp"
@@ -40,6 +41,7 @@ struct decode_params {
   int batch = 0;
   int q_heads = 0;
   int group = 0;              ///< query heads per KV head
+  int query_tiles = 1;        ///< tensor-core kernel: blocks per split, 8 query heads each
   float scale_log2 = 0.0f;    ///< softmax scale * log2(e)
   int splits = 0;             ///< block work items per entry (CTAs), the window is one more
   int partials = 0;           ///< partial results per entry (block partials + 1 window)
@@ -60,24 +62,33 @@ OSCAR_HD_INLINE std::size_t partial_index(const decode_params<KV>& prm, int b, i
 
 #if defined(OSCAR_GPU_COMPILER)
 
-/// The partial of the sinks and window of entry (b, h), computed by all threads of the block
-/// (any size, a multiple of the warp size). `smem` holds at least `window_shared_floats`.
+/// Rows of the sinks and window staged in shared memory at a time by `attend_window`.
+inline constexpr int window_rows = 64;
+
+/// Floats of shared memory `attend_window` needs: queries and accumulators, probabilities,
+/// per-query state, and the staged fp16 K and V rows (row stride head_dim + 2 halves, so that
+/// rows fall in different banks).
 inline int window_shared_floats(int group, int head_dim) {
-  return group * head_dim * 2 + group * 64 + group * 3;
+  return group * head_dim * 2 + group * window_rows + group * 3 + window_rows * (head_dim + 2);
 }
 
+/// The partial of the sinks and window of entry (b, h), computed by all threads of the block
+/// (any size, a multiple of the warp size). `smem` holds at least `window_shared_floats`. Rows
+/// are staged in shared memory `window_rows` at a time with coalesced 4-byte loads.
 template <class KV>
 OSCAR_DEVICE void attend_window(const decode_params<KV>& prm, int b, int h, float* smem) {
   const paged_kv_view<KV>& cache = prm.cache;
-  const int d = cache.head_dim, G = prm.group;
+  const int d = cache.head_dim, G = prm.group, stride = d + 2;
   const std::int64_t e = cache.entry(prm.slots[b], prm.layer, h);
   const entry_state<KV> st = cache.entries[e];
   float* q = smem;                  // [G][d], scaled to log2 units
   float* o = q + G * d;             // [G][d]
-  float* p = o + G * d;             // [G][64]
-  float* m = p + G * 64;            // [G]
+  float* p = o + G * d;             // [G][window_rows]
+  float* m = p + G * window_rows;   // [G]
   float* l = m + G;                 // [G]
   float* alpha = l + G;             // [G]
+  half* ks = reinterpret_cast<half*>(alpha + G);  // [window_rows][stride]
+  half* vs = ks + window_rows * stride;           // [window_rows][stride]
   const float* qg = prm.q + (static_cast<std::size_t>(b) * prm.q_heads + h * G) * d;
   for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
     q[i] = qg[i] * prm.scale_log2;
@@ -87,33 +98,39 @@ OSCAR_DEVICE void attend_window(const decode_params<KV>& prm, int b, int h, floa
     m[j] = -INFINITY;
     l[j] = 0.0f;
   }
-  __syncthreads();
   const int rows = st.sinks + st.window;
-  for (int first = 0; first < rows; first += 64) {
-    const int n = rows - first < 64 ? rows - first : 64;
-    auto row_of = [&](const half* sink, const half* ring, int r) -> const half* {
-      return r < st.sinks ? cache.sink_row(sink, e, r)
-                          : cache.window_row(ring, e, st.window_start, r - st.sinks);
-    };
-    for (int i = threadIdx.x; i < G * 64; i += blockDim.x) {
-      const int j = i / 64, t = i % 64;
+  for (int first = 0; first < rows; first += window_rows) {
+    const int n = rows - first < window_rows ? rows - first : window_rows;
+    // Stage rows [first, first + n): pairs of halves, consecutive threads along a row.
+    const int pairs = d / 2;
+    for (int i = threadIdx.x; i < n * pairs; i += blockDim.x) {
+      const int t = i / pairs, c = 2 * (i % pairs), r = first + t;
+      const half* krow = r < st.sinks ? cache.sink_row(cache.sink_k, e, r)
+                                      : cache.window_row(cache.window_k, e, st.window_start, r - st.sinks);
+      const half* vrow = r < st.sinks ? cache.sink_row(cache.sink_v, e, r)
+                                      : cache.window_row(cache.window_v, e, st.window_start, r - st.sinks);
+      *reinterpret_cast<std::uint32_t*>(ks + t * stride + c) = *reinterpret_cast<const std::uint32_t*>(krow + c);
+      *reinterpret_cast<std::uint32_t*>(vs + t * stride + c) = *reinterpret_cast<const std::uint32_t*>(vrow + c);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * window_rows; i += blockDim.x) {
+      const int j = i / window_rows, t = i % window_rows;
       float s = -INFINITY;
       if (t < n) {
-        const half* k = row_of(cache.sink_k, cache.window_k, first + t);
         s = 0.0f;
-        for (int c = 0; c < d; ++c) s += q[j * d + c] * static_cast<float>(k[c]);
+        for (int c = 0; c < d; ++c) s += q[j * d + c] * static_cast<float>(ks[t * stride + c]);
       }
       p[i] = s;
     }
     __syncthreads();
     for (int j = threadIdx.x; j < G; j += blockDim.x) {
       float mx = m[j];
-      for (int t = 0; t < n; ++t) mx = fmaxf(mx, p[j * 64 + t]);
+      for (int t = 0; t < n; ++t) mx = fmaxf(mx, p[j * window_rows + t]);
       const float a = exp2f(m[j] - mx);  // 0 on the first chunk (m = -inf)
       float sum = 0.0f;
-      for (int t = 0; t < 64; ++t) {
-        const float w = t < n ? exp2f(p[j * 64 + t] - mx) : 0.0f;
-        p[j * 64 + t] = w;
+      for (int t = 0; t < window_rows; ++t) {
+        const float w = t < n ? exp2f(p[j * window_rows + t] - mx) : 0.0f;
+        p[j * window_rows + t] = w;
         sum += w;
       }
       l[j] = l[j] * a + sum;
@@ -124,9 +141,7 @@ OSCAR_DEVICE void attend_window(const decode_params<KV>& prm, int b, int h, floa
     for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
       const int j = i / d, c = i % d;
       float acc = o[i] * alpha[j];
-      for (int t = 0; t < n; ++t) {
-        acc += p[j * 64 + t] * static_cast<float>(row_of(cache.sink_v, cache.window_v, first + t)[c]);
-      }
+      for (int t = 0; t < n; ++t) acc += p[j * window_rows + t] * static_cast<float>(vs[t * stride + c]);
       o[i] = acc;
     }
     __syncthreads();

@@ -13,6 +13,8 @@
 /// is not tuned for speed.
 #pragma once
 
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>

@@ -5,13 +5,17 @@
 /// keys, head_dim 64 or 128), reading the 2-bit codes and scales of each 64-token record
 /// straight from the block pool; nothing is dequantized to memory.
 ///
-/// Grid `(splits + 1, kv_heads, batch)`, 4 warps per block. Block `s < splits` of entry (b, h)
+/// Grid `(splits + 1, kv_heads * query_tiles, batch)`, 4 warps per block; a query group of more
+/// than 8 heads takes `query_tiles` = ceil(group / 8) blocks per split, each attending 8 of its
+/// heads (they read the same records). Block `s < splits` of entry (b, h)
 /// splits the entry's records among its 4 warps (balanced to one record); each warp streams its
 /// records through a private ring of shared-memory stages filled by `cp.async` (16-byte copies,
 /// `stages - 1` records in flight while it computes one) and runs `mma::warp_record` on each
 /// (mma_core.hpp). The 4 warps' results are merged in shared memory into one partial per block.
 /// Block `s == splits` computes the fp16 sinks and window. The combine kernel finishes.
 #pragma once
+
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
 
 #include <cstddef>
 #include <cstdint>
@@ -118,15 +122,18 @@ OSCAR_DEVICE OSCAR_FORCEINLINE void cp_async_wait() {
 #endif
 }
 
-template <class KV, int D>
+template <class KV, int D, bool Exact>
 __global__ void __launch_bounds__(mma_warps * 32) decode_mma_kernel(decode_params<KV> prm) {
   extern __shared__ __align__(16) unsigned char mma_smem[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   device_trap();  // the host dispatcher never launches this kernel below sm_80
 #else
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // blockIdx.y = h * query_tiles + sub: query heads 8 sub .. 8 sub + 7 of the group.
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int h = static_cast<int>(blockIdx.y) / prm.query_tiles;
+  const int sub = static_cast<int>(blockIdx.y) % prm.query_tiles;
   if (split == prm.splits) {
-    attend_window(prm, b, h, reinterpret_cast<float*>(mma_smem));
+    if (sub == 0) attend_window(prm, b, h, reinterpret_cast<float*>(mma_smem));
     return;
   }
   constexpr mma::geometry geo = mma::geometry_for(D);
@@ -154,8 +161,10 @@ __global__ void __launch_bounds__(mma_warps * 32) decode_mma_kernel(decode_param
 
   device_warp w;
   mma::warp_state<D> ws;
+  const int j0 = 8 * sub;  // first query of this block's tile of the group
   const float* q_row =
-      g < G ? prm.q + (static_cast<std::size_t>(b) * prm.q_heads + h * G + g) * D : nullptr;
+      j0 + g < G ? prm.q + (static_cast<std::size_t>(b) * prm.q_heads + h * G + j0 + g) * D
+                 : nullptr;
   mma::warp_begin<D>(w, ws, q_row, prm.scale_log2);
 
   for (int k = 0; k < mma_stages - 1; ++k) {
@@ -168,7 +177,7 @@ __global__ void __launch_bounds__(mma_warps * 32) decode_mma_kernel(decode_param
     cp_async_commit();
     cp_async_wait<mma_stages - 1>();
     __syncwarp();
-    mma::warp_record<D>(w, ws, ring + (k % mma_stages) * geo.bytes);
+    mma::warp_record<D, Exact>(w, ws, ring + (k % mma_stages) * geo.bytes);
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   cp_async_wait<0>();
@@ -196,13 +205,14 @@ __global__ void __launch_bounds__(mma_warps * 32) decode_mma_kernel(decode_param
     }
   }
   __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < G * D; i += mma_warps * 32) {
-    const int j = i / D, c = i % D;
+  const int tile_queries = G - j0 < 8 ? G - j0 : 8;
+  for (int i = static_cast<int>(threadIdx.x); i < tile_queries * D; i += mma_warps * 32) {
+    const int jl = i / D, c = i % D, j = j0 + jl;
     float mx = -__builtin_huge_valf();
-    for (int v = 0; v < mma_warps; ++v) mx = fmaxf(mx, merge[(v * 8 + j) * (D + 2) + D]);
+    for (int v = 0; v < mma_warps; ++v) mx = fmaxf(mx, merge[(v * 8 + jl) * (D + 2) + D]);
     float acc = 0.0f, sum = 0.0f;
     for (int v = 0; v < mma_warps; ++v) {
-      const float* p = merge + (v * 8 + j) * (D + 2);
+      const float* p = merge + (v * 8 + jl) * (D + 2);
       const float wgt = p[D] == -__builtin_huge_valf() ? 0.0f : exp2f(p[D] - mx);
       acc += wgt * p[c];
       sum += wgt * p[D + 1];

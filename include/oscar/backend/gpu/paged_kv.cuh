@@ -24,6 +24,8 @@
 /// and read-back. Not (yet) on the device: evict, compact, per-block key summaries, tiers.
 #pragma once
 
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
+
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -38,7 +40,6 @@
 #include "oscar/backend/gpu/cache_kernels.cuh"
 #include "oscar/backend/gpu/layout.hpp"
 #include "oscar/backend/gpu/paged_kv_view.hpp"
-#include "oscar/backend/gpu/runtime.cuh"
 #include "oscar/cache/config.hpp"
 #include "oscar/cache/kv_cache.hpp"
 #include "oscar/core/error.hpp"

@@ -12,7 +12,8 @@
 ///   feature-gated intrinsic compiled for a target without it); the host sees a launch failure.
 #pragma once
 
-#include "oscar/backend/gpu/runtime.cuh"
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
+
 #include "oscar/core/macros.hpp"
 
 namespace oscar::gpu {
