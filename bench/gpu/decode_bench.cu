@@ -196,7 +196,7 @@ int main(int argc, char** argv) {
         }
       }
       const int G = q_heads / kv_heads;
-      const double partial_bytes = 2.0 * s.batch * kv_heads * (ws.last_splits + 1) * G * (head_dim + 2) * 4.0;
+      const double partial_bytes = 2.0 * s.batch * kv_heads * ws.last_partials * G * (head_dim + 2) * 4.0;
       const double bytes = tokens_in_blocks * 80.0 + fp16_rows * head_dim * 2 * 2 +
                            s.batch * q_heads * head_dim * 4.0 * 2 + partial_bytes;
       const double floor = bytes / copy_bw;

@@ -118,10 +118,11 @@ result run_case(int group, int records, std::uint32_t seed) {
   // Emulated warp.
   std::vector<float> out(static_cast<std::size_t>(8) * D, std::numeric_limits<float>::quiet_NaN());
   std::vector<float> out_m(8, std::numeric_limits<float>::quiet_NaN()), out_l(out_m);
+  std::vector<std::uint32_t> ql(static_cast<std::size_t>(D / 16) * 2 * 32);  // the warp's lo parts
   emulation::run_warp([&](emulation::warp& w) {
     const int g = w.lane() >> 2, t = w.lane() & 3;
     mma::warp_state<D> st;
-    mma::warp_begin<D>(w, st, g < group ? query.data() + g * D : nullptr, scale_log2);
+    mma::warp_begin<D>(w, st, g < group ? query.data() + g * D : nullptr, scale_log2, ql.data());
     for (int r = 0; r < records; ++r) mma::warp_record<D, Exact>(w, st, recs.data() + static_cast<std::size_t>(r) * geo.bytes);
     float o[D / 16][4], m[2], l[2];
     mma::warp_end<D>(w, st, mma::pow2(vparams.scale_exponent), V::level(3), V::level(2), o, m, l);

@@ -76,6 +76,7 @@ class decode_workspace {
   /// What the last call ran (for tests and benchmarks).
   decode_kernel last_kernel = decode_kernel::automatic;
   int last_splits = 0;
+  int last_partials = 0;
 
  private:
   device_buffer<float> o_, ml_;
@@ -128,12 +129,15 @@ int resident_blocks(Kernel kernel, int threads, std::size_t smem) {
   return blocks;
 }
 
-/// Work items per entry: enough blocks to fill the device once (the window blocks included),
-/// at most one per `min_work` units of the longest entry.
+/// Most work items per entry (bounds the combine kernel's shared memory).
+inline constexpr int max_splits = 256;
+
+/// Work items per entry for the blocks: enough to fill the device once (the short window items
+/// run first and are not counted), at most one per `min_work` units of the longest entry.
 inline int choose_splits(int resident, int entries, int longest, int min_work) {
-  const int fill = std::max(1, resident / std::max(1, entries) - 1);
+  const int fill = std::max(1, resident / std::max(1, entries));
   const int useful = std::max(1, (longest + min_work - 1) / min_work);
-  return std::min(fill, useful);
+  return std::min({fill, useful, max_splits});
 }
 
 template <class KV>
@@ -201,6 +205,8 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
 
   const int threads = 128;
   std::size_t smem = 0;
+  OSCAR_CHECK_ARG(cfg.splits >= 0 && cfg.splits <= max_splits, cfg.splits,
+                  oscar::detail::concat("0 (automatic) to ", max_splits));
   int splits = cfg.splits;
   if (tensor_cores) {
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
@@ -214,18 +220,20 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
       allow_shared(kernel, smem);
       prm.query_tiles = (G + 7) / 8;
       if (splits <= 0) {
-        splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors, batch * H * prm.query_tiles,
-                               longest / mma::record_tokens, 2 * mma_warps);
+        splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors,
+                               batch * H * prm.query_tiles, longest / mma::record_tokens,
+                               2 * mma_warps);
       }
       prm.splits = splits;
-      prm.partials = splits + 1;
+      prm.window_items = window_items(prm.cache);
+      prm.partials = splits + prm.window_items;
       prm.window_partial = splits;
       ws.reserve(static_cast<std::size_t>(batch) * H * prm.partials * G * d,
                  static_cast<std::size_t>(batch) * H * prm.partials * G * 2);
       prm.part_o = ws.o();
       prm.part_ml = ws.ml();
-      kernel<<<dim3(static_cast<unsigned>(splits + 1), static_cast<unsigned>(H * prm.query_tiles),
-                    static_cast<unsigned>(batch)),
+      kernel<<<dim3(static_cast<unsigned>(batch * H * prm.query_tiles),
+                    static_cast<unsigned>(prm.window_items + splits)),
                threads, smem, stream>>>(prm);
       check_launch("decode_mma_kernel");
     }
@@ -240,7 +248,8 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
                              batch * H, (longest + unit - 1) / unit, 2);
     }
     prm.splits = splits;
-    prm.partials = splits + 1;
+    prm.window_items = window_items(prm.cache);
+    prm.partials = splits + prm.window_items;
     prm.window_partial = splits;
     ws.reserve(static_cast<std::size_t>(batch) * H * prm.partials * G * d,
                static_cast<std::size_t>(batch) * H * prm.partials * G * 2);
@@ -255,21 +264,22 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
         static_cast<std::size_t>(quant::blocks_per_tile<typename KV::value>(d)) *
         sizeof(typename quant::format_traits<typename KV::value>::block);
     lay.key_bytes = lay.key_tile_bytes * (bt / lay.key_tile_tokens);
-    kernel<<<dim3(static_cast<unsigned>(splits + 1), static_cast<unsigned>(H),
-                  static_cast<unsigned>(batch)),
+    kernel<<<dim3(static_cast<unsigned>(batch * H), static_cast<unsigned>(prm.window_items + splits)),
              threads, smem, stream>>>(prm, lay, unit);
     check_launch("decode_generic_kernel");
   }
   ws.last_kernel = tensor_cores ? decode_kernel::tensor_core : decode_kernel::generic;
   ws.last_splits = splits;
+  ws.last_partials = prm.partials;
 
   // The tensor-core kernel leaves the blocks' values in the format's rotated space; the
   // generic kernel decodes whole tiles (rotation undone).
   const bool unrotate = tensor_cores && quant::format_traits<typename KV::value>::rotated;
-  const std::size_t combine_smem = combine_shared_bytes(d, prm.partials, threads);
+  const std::size_t combine_smem = combine_shared_bytes(d, prm.partials);
   allow_shared(combine_kernel<KV>, combine_smem);
-  combine_kernel<KV><<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(batch)), threads,
-                       combine_smem, stream>>>(prm, unrotate, out);
+  combine_kernel<KV><<<dim3(static_cast<unsigned>(G), static_cast<unsigned>(H),
+                            static_cast<unsigned>(batch)),
+                       std::min(threads, std::max(d, warp_size)), combine_smem, stream>>>(prm, unrotate, out);
   check_launch("combine_kernel");
 }
 

@@ -3,12 +3,12 @@
 /// The generic GPU decode kernel: split-K attention over a `paged_kv` in the native layout, for
 /// any KV format, on CUDA and HIP alike (CUDA cores / vector ALUs, no tensor cores).
 ///
-/// Grid `(splits + 1, kv_heads, batch)`: block `(s, h, b)` with `s < splits` takes the s-th
+/// Grid `(batch * kv_heads, window items + splits)`: work item `window items + s` takes the s-th
 /// share of entry (b, h)'s blocks, in *units* of `unit_tokens` tokens (a multiple of the
 /// formats' tiles). Per unit it decodes the keys with the format's own decoder (`decode_group`
 /// per channel for per-channel fpq keys, `decode_tile` otherwise) into shared memory, scores
 /// the whole query group against them, updates the online softmax, decodes the values into the
-/// same buffer and accumulates. Block `s == splits` computes the sinks and window. This is the
+/// same buffer and accumulates. The first work items compute the sinks and window. This is the
 /// portable path and the reference the tensor-core kernel is compared with on the device; it
 /// is not tuned for speed.
 #pragma once
@@ -78,11 +78,14 @@ OSCAR_DEVICE void decode_native(const std::byte* block, std::size_t section,
 template <class KV>
 __global__ void decode_generic_kernel(decode_params<KV> prm, native_offsets lay, int unit) {
   extern __shared__ __align__(16) float generic_smem[];
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  if (split == prm.splits) {
-    attend_window(prm, b, h, generic_smem);
+  // blockIdx.x = b * kv_heads + h; blockIdx.y = work item, the window's first.
+  const int h = static_cast<int>(blockIdx.x) % prm.cache.kv_heads;
+  const int b = static_cast<int>(blockIdx.x) / prm.cache.kv_heads;
+  if (static_cast<int>(blockIdx.y) < prm.window_items) {
+    attend_window(prm, b, h, static_cast<int>(blockIdx.y), generic_smem);
     return;
   }
+  const int split = static_cast<int>(blockIdx.y) - prm.window_items;
   const paged_kv_view<KV>& cache = prm.cache;
   const int d = cache.head_dim, G = prm.group;
   const std::int64_t e = cache.entry(prm.slots[b], prm.layer, h);

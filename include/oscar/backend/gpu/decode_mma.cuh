@@ -5,14 +5,15 @@
 /// keys, head_dim 64 or 128), reading the 2-bit codes and scales of each 64-token record
 /// straight from the block pool; nothing is dequantized to memory.
 ///
-/// Grid `(splits + 1, kv_heads * query_tiles, batch)`, 4 warps per block; a query group of more
-/// than 8 heads takes `query_tiles` = ceil(group / 8) blocks per split, each attending 8 of its
-/// heads (they read the same records). Block `s < splits` of entry (b, h)
+/// Grid `(batch * kv_heads * query_tiles, window items + splits)`, 4 warps per block; a query
+/// group of more than 8 heads takes `query_tiles` = ceil(group / 8) blocks per split, each
+/// attending 8 of its heads (they read the same records). The first work items of each entry
+/// are the sinks and window (64 rows each; short, and scheduled first); split s of entry (b, h)
 /// splits the entry's records among its 4 warps (balanced to one record); each warp streams its
 /// records through a private ring of shared-memory stages filled by `cp.async` (16-byte copies,
 /// `stages - 1` records in flight while it computes one) and runs `mma::warp_record` on each
 /// (mma_core.hpp). The 4 warps' results are merged in shared memory into one partial per block.
-/// Block `s == splits` computes the fp16 sinks and window. The combine kernel finishes.
+/// The combine kernel finishes.
 #pragma once
 
 #include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
@@ -92,9 +93,15 @@ struct device_warp {
 inline constexpr int mma_stages = 3;
 inline constexpr int mma_warps = 4;
 
+/// Shared memory per warp: its ring of records, then the lo parts of its queries.
+OSCAR_HD_INLINE constexpr std::size_t mma_warp_bytes(int d) {
+  return static_cast<std::size_t>(mma_stages) * mma::geometry_for(d).bytes +
+         static_cast<std::size_t>(d / 16) * 2 * 32 * sizeof(std::uint32_t);
+}
+
 /// Shared memory of `decode_mma_kernel` for head_dim `d` and query group `group`.
 inline std::size_t mma_shared_bytes(int d, int group) {
-  const std::size_t ring = static_cast<std::size_t>(mma_warps) * mma_stages * mma::geometry_for(d).bytes;
+  const std::size_t ring = static_cast<std::size_t>(mma_warps) * mma_warp_bytes(d);
   const std::size_t merge = sizeof(float) * mma_warps * 8 * (static_cast<std::size_t>(d) + 2);
   const std::size_t window = sizeof(float) * static_cast<std::size_t>(window_shared_floats(group, d));
   std::size_t bytes = ring > merge ? ring : merge;
@@ -123,19 +130,21 @@ OSCAR_DEVICE OSCAR_FORCEINLINE void cp_async_wait() {
 }
 
 template <class KV, int D, bool Exact>
-__global__ void __launch_bounds__(mma_warps * 32) decode_mma_kernel(decode_params<KV> prm) {
+__global__ void __launch_bounds__(mma_warps * 32, 3) decode_mma_kernel(decode_params<KV> prm) {
   extern __shared__ __align__(16) unsigned char mma_smem[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   device_trap();  // the host dispatcher never launches this kernel below sm_80
 #else
-  // blockIdx.y = h * query_tiles + sub: query heads 8 sub .. 8 sub + 7 of the group.
-  const int split = blockIdx.x, b = blockIdx.z;
-  const int h = static_cast<int>(blockIdx.y) / prm.query_tiles;
-  const int sub = static_cast<int>(blockIdx.y) % prm.query_tiles;
-  if (split == prm.splits) {
-    if (sub == 0) attend_window(prm, b, h, reinterpret_cast<float*>(mma_smem));
+  // blockIdx.x = (b * kv_heads + h) * query_tiles + sub (sub: query heads 8 sub .. 8 sub + 7
+  // of the group); blockIdx.y = work item: the window's first, so they are scheduled first.
+  const int sub = static_cast<int>(blockIdx.x) % prm.query_tiles;
+  const int h = static_cast<int>(blockIdx.x) / prm.query_tiles % prm.cache.kv_heads;
+  const int b = static_cast<int>(blockIdx.x) / prm.query_tiles / prm.cache.kv_heads;
+  if (static_cast<int>(blockIdx.y) < prm.window_items) {
+    if (sub == 0) attend_window(prm, b, h, static_cast<int>(blockIdx.y), reinterpret_cast<float*>(mma_smem));
     return;
   }
+  const int split = static_cast<int>(blockIdx.y) - prm.window_items;
   constexpr mma::geometry geo = mma::geometry_for(D);
   constexpr int ks = D / 16;
   const paged_kv_view<KV>& cache = prm.cache;
@@ -144,17 +153,19 @@ __global__ void __launch_bounds__(mma_warps * 32) decode_mma_kernel(decode_param
   const std::int64_t e = cache.entry(prm.slots[b], prm.layer, h);
   const entry_state<KV> st = cache.entries[e];
   const int records = st.tokens / mma::record_tokens;
-  const int per_block = cache.block_tokens / mma::record_tokens;
+  const int block_shift = __ffs(cache.block_tokens / mma::record_tokens) - 1;  // records per block: a power of two
+  const int block_mask = (1 << block_shift) - 1;
   const int warps = prm.splits * mma_warps;
   const int gw = split * mma_warps + warp;
   const int first = static_cast<int>(static_cast<std::int64_t>(records) * gw / warps);
   const int last = static_cast<int>(static_cast<std::int64_t>(records) * (gw + 1) / warps);
-  unsigned char* ring = mma_smem + static_cast<std::size_t>(warp) * mma_stages * geo.bytes;
+  unsigned char* ring = mma_smem + static_cast<std::size_t>(warp) * mma_warp_bytes(D);
+  auto* ql = reinterpret_cast<std::uint32_t*>(ring + mma_stages * geo.bytes);
   const std::int32_t* table = cache.tables + e * cache.max_blocks;
 
   auto issue = [&](int record, int stage) {
-    const std::int32_t id = table[record / per_block];
-    const std::byte* src = cache.block(id) + static_cast<std::size_t>(record % per_block) * geo.bytes;
+    const std::int32_t id = table[record >> block_shift];
+    const std::byte* src = cache.block(id) + static_cast<std::size_t>(record & block_mask) * geo.bytes;
     unsigned char* dst = ring + stage * geo.bytes;
     for (int i = lane; i < geo.bytes / 16; i += 32) cp_async16(dst + 16 * i, src + 16 * i);
   };
@@ -165,7 +176,8 @@ __global__ void __launch_bounds__(mma_warps * 32) decode_mma_kernel(decode_param
   const float* q_row =
       j0 + g < G ? prm.q + (static_cast<std::size_t>(b) * prm.q_heads + h * G + j0 + g) * D
                  : nullptr;
-  mma::warp_begin<D>(w, ws, q_row, prm.scale_log2);
+  mma::warp_begin<D>(w, ws, q_row, prm.scale_log2, ql);
+  __syncwarp();
 
   for (int k = 0; k < mma_stages - 1; ++k) {
     if (first + k < last) issue(first + k, k);

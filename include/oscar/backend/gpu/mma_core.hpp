@@ -165,8 +165,16 @@ OSCAR_HD_INLINE constexpr int exponent_of(float x) noexcept {
 
 /// 1024 + code * 2^p in both halves: the two codes at bits p and p + 16 of `word` placed in the
 /// mantissas of fp16 1024.0.
-OSCAR_HD_INLINE constexpr std::uint32_t code_bits(std::uint32_t word, int p) noexcept {
+OSCAR_HD_INLINE std::uint32_t code_bits(std::uint32_t word, int p) noexcept {
+#if defined(__CUDA_ARCH__)
+  // One LOP3 with both constants in registers ((a & b) | c); written as C++ the compiler
+  // splits it into two instructions, each with its own immediate.
+  std::uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(word), "r"(0x00030003u << p), "r"(0x64006400u));
+  return d;
+#else
   return (word & (0x00030003u << p)) | 0x64006400u;
+#endif
 }
 
 /// Constants of `unpack_code` / `unpack_high` for bit position p (0, 2, 4 or 6).
@@ -181,16 +189,26 @@ OSCAR_HD_INLINE constexpr unpack_constants unpack_for(int p) noexcept {
           half2_bits(-(1024.0f * s + 1.0f), -(1024.0f * s + 1.0f))};
 }
 
-/// The codes (0..3) as exact fp16 values.
-OSCAR_HD_INLINE std::uint32_t unpack_code(std::uint32_t word, int p) noexcept {
+/// The codes (0..3) as exact fp16 values, from `code_bits(word, p)`.
+OSCAR_HD_INLINE std::uint32_t code_value(std::uint32_t bits, int p) noexcept {
   const unpack_constants k = unpack_for(p);
-  return hfma2(code_bits(word, p), k.scale, k.code);
+  return hfma2(bits, k.scale, k.code);
 }
 
-/// 1.0 where the code is 2 or 3, else 0.0 (the high bit), exact.
-OSCAR_HD_INLINE std::uint32_t unpack_high(std::uint32_t word, int p) noexcept {
+/// 1.0 where the code is 2 or 3, else 0.0 (the high bit), exact, from `code_bits(word, p)`.
+OSCAR_HD_INLINE std::uint32_t code_high(std::uint32_t bits, int p) noexcept {
   const unpack_constants k = unpack_for(p);
-  return hfma2_sat(code_bits(word, p), k.scale, k.high);
+  return hfma2_sat(bits, k.scale, k.high);
+}
+
+/// The codes at bit p of `word` as exact fp16 values.
+OSCAR_HD_INLINE std::uint32_t unpack_code(std::uint32_t word, int p) noexcept {
+  return code_value(code_bits(word, p), p);
+}
+
+/// 1.0 where the code at bit p of `word` is 2 or 3, else 0.0.
+OSCAR_HD_INLINE std::uint32_t unpack_high(std::uint32_t word, int p) noexcept {
+  return code_high(code_bits(word, p), p);
 }
 
 inline constexpr std::uint32_t half2_ones = 0x3c003c00u;
@@ -202,7 +220,8 @@ template <int D>
 struct warp_state {
   static constexpr int ks = D / 16;
   std::uint32_t qh[ks][2];  ///< hi part of the scaled query (B fragments), per k-step
-  std::uint32_t ql[ks][2];  ///< lo part
+  std::uint32_t* ql;        ///< lo part, [ks][2][32 lanes] (in shared memory on the device:
+                            ///< read once per record, it need not hold registers)
   float qscale[2];          ///< 2^e of the queries of columns 2t, 2t+1 (logit = S * qscale)
   float m[2];               ///< running max (log2 units) of columns 2t, 2t+1
   float oc[ks][4];          ///< sum P s c, per value group (O^T fragments)
@@ -211,9 +230,11 @@ struct warp_state {
 };
 
 /// Loads the query of this lane's row (`q_row`, or nullptr for padding rows beyond the group)
-/// and resets the state. `scale_log2` = softmax scale * log2(e).
+/// and resets the state. `scale_log2` = softmax scale * log2(e). `ql` receives the lo parts:
+/// `ks * 2 * 32` words shared by the warp's lanes.
 template <int D, class Warp>
-OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D>& st, const float* q_row, float scale_log2) {
+OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D>& st, const float* q_row, float scale_log2,
+                                  std::uint32_t* ql) {
   constexpr int ks = D / 16;
   const int t = w.lane() & 3;
   float qf[ks][4];
@@ -236,13 +257,15 @@ OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D>& st, const float* q_row
   int e = amax > 0.0f ? exponent_of(amax) + 1 : 0;  // amax * 2^-e in [0.5, 1)
   e = e < -100 ? -100 : e > 100 ? 100 : e;
   const float down = pow2(-e);
+  st.ql = ql;
   OSCAR_UNROLL
   for (int kk = 0; kk < ks; ++kk) {
     OSCAR_UNROLL
     for (int r = 0; r < 2; ++r) {
       const float x0 = qf[kk][2 * r] * down, x1 = qf[kk][2 * r + 1] * down;
       st.qh[kk][r] = pack_half2(x0, x1);
-      st.ql[kk][r] = pack_half2(x0 - low_half(st.qh[kk][r]), x1 - high_half(st.qh[kk][r]));
+      ql[(kk * 2 + r) * 32 + w.lane()] =
+          pack_half2(x0 - low_half(st.qh[kk][r]), x1 - high_half(st.qh[kk][r]));
     }
   }
   const float up = pow2(e);
@@ -267,33 +290,42 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D>& st, const std::uint8_
   const int lane = w.lane(), g = lane >> 2, t = lane & 3;
   const std::uint32_t ones[4] = {half2_ones, half2_ones, half2_ones, half2_ones};
 
-  // B fragments of the key product and the bias of this record.
+  // B fragments of the key product and the bias of this record (four independent chains).
   std::uint32_t b[ks][2];
   std::uint32_t b_lo[Exact ? ks : 1][2];
-  float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float bias_part[4][4] = {};
   OSCAR_UNROLL
   for (int kk = 0; kk < ks; ++kk) {
     const auto* pr = reinterpret_cast<const std::uint32_t*>(rec + geo.key_params + (kk * 4 + t) * 16);
     const std::uint32_t p0 = pr[0], p1 = pr[1], m0 = pr[2], m1 = pr[3];
+    const std::uint32_t ql0 = st.ql[(kk * 2) * 32 + lane], ql1 = st.ql[(kk * 2 + 1) * 32 + lane];
     b[kk][0] = hmul2(st.qh[kk][0], p0);
     b[kk][1] = hmul2(st.qh[kk][1], p1);
     if constexpr (Exact) {
-      b_lo[kk][0] = hfma2(st.ql[kk][0], p0, hfma2(st.qh[kk][0], p0, hneg2(b[kk][0])));
-      b_lo[kk][1] = hfma2(st.ql[kk][1], p1, hfma2(st.qh[kk][1], p1, hneg2(b[kk][1])));
+      b_lo[kk][0] = hfma2(ql0, p0, hfma2(st.qh[kk][0], p0, hneg2(b[kk][0])));
+      b_lo[kk][1] = hfma2(ql1, p1, hfma2(st.qh[kk][1], p1, hneg2(b[kk][1])));
     }
     const std::uint32_t h0 = hmul2(st.qh[kk][0], m0), h1 = hmul2(st.qh[kk][1], m1);
-    const std::uint32_t l0 = hfma2(st.ql[kk][0], m0, hfma2(st.qh[kk][0], m0, hneg2(h0)));
-    const std::uint32_t l1 = hfma2(st.ql[kk][1], m1, hfma2(st.qh[kk][1], m1, hneg2(h1)));
-    w.mma(bias, ones, h0, h1);
-    w.mma(bias, ones, l0, l1);
+    const std::uint32_t l0 = hfma2(ql0, m0, hfma2(st.qh[kk][0], m0, hneg2(h0)));
+    const std::uint32_t l1 = hfma2(ql1, m1, hfma2(st.qh[kk][1], m1, hneg2(h1)));
+    w.mma(bias_part[kk & 1], ones, h0, h1);
+    w.mma(bias_part[2 + (kk & 1)], ones, l0, l1);
+  }
+  float bias[4];
+  OSCAR_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    bias[i] = (bias_part[0][i] + bias_part[1][i]) + (bias_part[2][i] + bias_part[3][i]);
   }
 
-  // Logits of the record's 64 tokens: z[s] holds (token g, g + 8) x (query 2t, 2t + 1).
+  // Logits of the record's 64 tokens: z[s] holds (token g, g + 8) x (query 2t, 2t + 1). Even
+  // and odd k-steps (and the hi and lo products) go to separate accumulators, so that the
+  // tensor cores see independent chains.
   float z[record_steps][4];
   OSCAR_UNROLL
   for (int s = 0; s < record_steps; ++s) {
     const auto* kw = reinterpret_cast<const std::uint32_t*>(rec + geo.key_codes + (s * 32 + lane) * wpl * 4);
-    float acc[4] = {bias[0], bias[1], bias[2], bias[3]};
+    float acc[2][4] = {{bias[0], bias[1], bias[2], bias[3]}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float lo_acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     OSCAR_UNROLL
     for (int wi = 0; wi < wpl; ++wi) {
       const std::uint32_t lo = kw[wi], hi = kw[wi] >> 8;
@@ -301,12 +333,16 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D>& st, const std::uint8_
       for (int xi = 0; xi < 2; ++xi) {
         const std::uint32_t a[4] = {unpack_code(lo, 4 * xi), unpack_code(hi, 4 * xi),
                                     unpack_code(lo, 4 * xi + 2), unpack_code(hi, 4 * xi + 2)};
-        w.mma(acc, a, b[2 * wi + xi][0], b[2 * wi + xi][1]);
-        if constexpr (Exact) w.mma(acc, a, b_lo[2 * wi + xi][0], b_lo[2 * wi + xi][1]);
+        w.mma(acc[xi], a, b[2 * wi + xi][0], b[2 * wi + xi][1]);
+        if constexpr (Exact) w.mma(lo_acc[xi], a, b_lo[2 * wi + xi][0], b_lo[2 * wi + xi][1]);
       }
     }
     OSCAR_UNROLL
-    for (int i = 0; i < 4; ++i) z[s][i] = acc[i] * st.qscale[i & 1];
+    for (int i = 0; i < 4; ++i) {
+      const float sum = Exact ? (acc[0][i] + acc[1][i]) + (lo_acc[0][i] + lo_acc[1][i])
+                              : acc[0][i] + acc[1][i];
+      z[s][i] = sum * st.qscale[i & 1];
+    }
   }
 
   // Online softmax: the record's max per query, then rescale what came before.
@@ -354,10 +390,12 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D>& st, const std::uint8_
       const std::uint32_t b0 = hmul2(pb0, slo), b1 = hmul2(pb1, shi);
       const std::uint32_t lo = vc[grp / 2], hi = vc[grp / 2] >> 8;
       const int p0 = 4 * (grp & 1), p1 = p0 + 2;
-      const std::uint32_t ac[4] = {unpack_code(lo, p0), unpack_code(hi, p0), unpack_code(lo, p1),
-                                   unpack_code(hi, p1)};
-      const std::uint32_t ah[4] = {unpack_high(lo, p0), unpack_high(hi, p0), unpack_high(lo, p1),
-                                   unpack_high(hi, p1)};
+      const std::uint32_t x[4] = {code_bits(lo, p0), code_bits(hi, p0), code_bits(lo, p1),
+                                  code_bits(hi, p1)};
+      const std::uint32_t ac[4] = {code_value(x[0], p0), code_value(x[1], p0), code_value(x[2], p1),
+                                   code_value(x[3], p1)};
+      const std::uint32_t ah[4] = {code_high(x[0], p0), code_high(x[1], p0), code_high(x[2], p1),
+                                   code_high(x[3], p1)};
       w.mma(st.oc[grp], ac, b0, b1);
       w.mma(st.oh[grp], ah, b0, b1);
     }
