@@ -130,7 +130,7 @@ OSCAR_DEVICE OSCAR_FORCEINLINE void cp_async_wait() {
 }
 
 template <class KV, int D, bool Exact>
-__global__ void __launch_bounds__(mma_warps * 32, 3) decode_mma_kernel(decode_params<KV> prm) {
+__global__ void __launch_bounds__(mma_warps * 32, 2) decode_mma_kernel(decode_params<KV> prm) {
   extern __shared__ __align__(16) unsigned char mma_smem[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   device_trap();  // the host dispatcher never launches this kernel below sm_80

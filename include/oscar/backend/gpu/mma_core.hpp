@@ -317,15 +317,13 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D>& st, const std::uint8_
     bias[i] = (bias_part[0][i] + bias_part[1][i]) + (bias_part[2][i] + bias_part[3][i]);
   }
 
-  // Logits of the record's 64 tokens: z[s] holds (token g, g + 8) x (query 2t, 2t + 1). Even
-  // and odd k-steps (and the hi and lo products) go to separate accumulators, so that the
-  // tensor cores see independent chains.
+  // Logits of the record's 64 tokens: z[s] holds (token g, g + 8) x (query 2t, 2t + 1). The hi
+  // and lo products go to separate accumulators (independent chains for the tensor cores).
   float z[record_steps][4];
   OSCAR_UNROLL
   for (int s = 0; s < record_steps; ++s) {
     const auto* kw = reinterpret_cast<const std::uint32_t*>(rec + geo.key_codes + (s * 32 + lane) * wpl * 4);
     float acc[2][4] = {{bias[0], bias[1], bias[2], bias[3]}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    float lo_acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     OSCAR_UNROLL
     for (int wi = 0; wi < wpl; ++wi) {
       const std::uint32_t lo = kw[wi], hi = kw[wi] >> 8;
@@ -333,16 +331,16 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D>& st, const std::uint8_
       for (int xi = 0; xi < 2; ++xi) {
         const std::uint32_t a[4] = {unpack_code(lo, 4 * xi), unpack_code(hi, 4 * xi),
                                     unpack_code(lo, 4 * xi + 2), unpack_code(hi, 4 * xi + 2)};
-        w.mma(acc[xi], a, b[2 * wi + xi][0], b[2 * wi + xi][1]);
-        if constexpr (Exact) w.mma(lo_acc[xi], a, b_lo[2 * wi + xi][0], b_lo[2 * wi + xi][1]);
+        if constexpr (Exact) {
+          w.mma(acc[0], a, b[2 * wi + xi][0], b[2 * wi + xi][1]);
+          w.mma(acc[1], a, b_lo[2 * wi + xi][0], b_lo[2 * wi + xi][1]);
+        } else {
+          w.mma(acc[xi], a, b[2 * wi + xi][0], b[2 * wi + xi][1]);
+        }
       }
     }
     OSCAR_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const float sum = Exact ? (acc[0][i] + acc[1][i]) + (lo_acc[0][i] + lo_acc[1][i])
-                              : acc[0][i] + acc[1][i];
-      z[s][i] = sum * st.qscale[i & 1];
-    }
+    for (int i = 0; i < 4; ++i) z[s][i] = (acc[0][i] + acc[1][i]) * st.qscale[i & 1];
   }
 
   // Online softmax: the record's max per query, then rescale what came before.
