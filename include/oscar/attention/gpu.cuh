@@ -30,6 +30,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "oscar/attention/host.hpp"  // detail::check_common: the same argument checks
 #include "oscar/attention/types.hpp"
 #include "oscar/backend/gpu/decode_common.cuh"
 #include "oscar/backend/gpu/decode_generic.cuh"
@@ -86,27 +87,6 @@ class decode_workspace {
 
 namespace detail {
 
-/// Raises a kernel's dynamic shared memory limit to `bytes` (a runtime call only the first
-/// time a kernel needs more than it was allowed).
-template <class Kernel>
-void allow_shared(Kernel kernel, std::size_t bytes) {
-  static std::mutex lock;
-  static std::map<const void*, std::size_t> allowed;  // per kernel
-  const std::lock_guard<std::mutex> guard(lock);
-  std::size_t& limit = allowed.try_emplace(reinterpret_cast<const void*>(kernel), 48 * 1024).first->second;
-  if (bytes <= limit) return;
-#if defined(OSCAR_GPU_RUNTIME_HIP)
-  check(hipFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                            hipFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-        "hipFuncSetAttribute (dynamic shared memory)");
-#else
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(bytes)),
-        "cudaFuncSetAttribute (dynamic shared memory)");
-#endif
-  limit = bytes;
-}
-
 /// Blocks of `kernel` (with `threads` threads and `smem` bytes of dynamic shared memory) one
 /// multiprocessor holds at once; asked once per kernel and size.
 template <class Kernel>
@@ -145,15 +125,7 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
                  const float* q, float* out, const attention::options& opt,
                  decode_workspace& ws, stream_t stream, const decode_config& cfg) {
   const cache::cache_config& cc = cache.config();
-  OSCAR_CHECK_ARG(layer >= 0 && layer < cc.layers, layer,
-                  oscar::detail::concat("0 to ", cc.layers - 1));
-  OSCAR_CHECK_ARG(opt.q_heads >= cc.kv_heads && opt.q_heads % cc.kv_heads == 0 &&
-                      opt.q_heads / cc.kv_heads <= 16,
-                  opt.q_heads,
-                  oscar::detail::concat("a multiple of the cache's ", cc.kv_heads,
-                                        " KV heads, 1 to 16 query heads per KV head"));
-  OSCAR_CHECK_ARG(std::isfinite(opt.softmax_scale) && opt.softmax_scale >= 0.0f,
-                  opt.softmax_scale, "a finite value > 0, or 0 for 1 / sqrt(head_dim)");
+  const float scale = attention::detail::check_common(cache, layer, opt);  // as the host's
   OSCAR_CHECK(!opt.want_stats, errc::unsupported,
               "want_stats = true is not supported by the GPU decode yet (allowed: false)");
   const auto batch = static_cast<int>(seqs.size());
@@ -183,8 +155,6 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
   prm.batch = batch;
   prm.q_heads = opt.q_heads;
   prm.group = G;
-  const float scale = opt.softmax_scale > 0.0f ? opt.softmax_scale
-                                               : 1.0f / std::sqrt(static_cast<float>(d));
   prm.scale_log2 = scale * log2e;
   for (int b = 0; b < batch; ++b) prm.slots[b] = seqs[static_cast<std::size_t>(b)];
 
@@ -217,7 +187,7 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
       };
       auto kernel = cfg.fp16_logits ? pick(std::false_type{}) : pick(std::true_type{});
       smem = mma_shared_bytes(d, G);
-      allow_shared(kernel, smem);
+      allow_dynamic_shared(kernel, smem);
       prm.query_tiles = (G + 7) / 8;
       if (splits <= 0) {
         splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors,
@@ -242,7 +212,7 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
     const int unit = generic_unit_tokens(cache.chunk_tokens(), bt);
     smem = generic_shared_bytes(unit, G, d);
     auto kernel = decode_generic_kernel<KV>;
-    allow_shared(kernel, smem);
+    allow_dynamic_shared(kernel, smem);
     if (splits <= 0) {
       splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors,
                              batch * H, (longest + unit - 1) / unit, 2);
@@ -276,7 +246,7 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
   // generic kernel decodes whole tiles (rotation undone).
   const bool unrotate = tensor_cores && quant::format_traits<typename KV::value>::rotated;
   const std::size_t combine_smem = combine_shared_bytes(d, prm.partials);
-  allow_shared(combine_kernel<KV>, combine_smem);
+  allow_dynamic_shared(combine_kernel<KV>, combine_smem);
   combine_kernel<KV><<<dim3(static_cast<unsigned>(G), static_cast<unsigned>(H),
                             static_cast<unsigned>(batch)),
                        std::min(threads, std::max(d, warp_size)), combine_smem, stream>>>(prm, unrotate, out);

@@ -447,7 +447,7 @@ class paged_kv {
     }
     if (!chunk_jobs.empty()) {
       const std::size_t smem = detail::encode_chunk_shared_bytes(chunk_, config_.head_dim, layout_);
-      set_shared_limit(detail::encode_chunk_kernel<KV, T>, smem);
+      allow_dynamic_shared(detail::encode_chunk_kernel<KV, T>, smem);
       detail::encode_chunk_kernel<KV, T><<<static_cast<unsigned>(chunk_jobs.size()), 128, smem,
                                            stream>>>(cv, input, d_chunks, offsets_);
       check_launch("encode_chunk_kernel");
@@ -764,20 +764,6 @@ class paged_kv {
                                 static_cast<std::size_t>(r) * mma::record_tokens * offsets_.value_tile_bytes;
       mma::pack_record(key_tile, value_tiles, d, reinterpret_cast<std::uint8_t*>(out) + r * g.bytes);
     }
-  }
-
-  template <class Kernel>
-  static void set_shared_limit(Kernel kernel, std::size_t bytes) {
-    if (bytes <= 48 * 1024) return;
-#if defined(OSCAR_GPU_RUNTIME_HIP)
-    check(hipFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                              hipFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-          "hipFuncSetAttribute");
-#else
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(bytes)),
-          "cudaFuncSetAttribute");
-#endif
   }
 
   cache::cache_config config_;

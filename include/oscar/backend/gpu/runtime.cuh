@@ -19,6 +19,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -161,6 +163,28 @@ inline device_properties current_device() {
   p.major = prop.major;
   p.minor = prop.minor;
   return p;
+}
+
+/// Lets `kernel` use `bytes` of dynamic shared memory per block (a runtime call only the first
+/// time a kernel needs more than it was allowed; thread-safe).
+template <class Kernel>
+void allow_dynamic_shared(Kernel kernel, std::size_t bytes) {
+  static std::mutex lock;
+  static std::map<const void*, std::size_t> allowed;  // per kernel
+  const std::lock_guard<std::mutex> guard(lock);
+  std::size_t& limit =
+      allowed.try_emplace(reinterpret_cast<const void*>(kernel), 48 * 1024).first->second;
+  if (bytes <= limit) return;
+#if defined(OSCAR_GPU_RUNTIME_HIP)
+  check(hipFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                            hipFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+        "hipFuncSetAttribute (dynamic shared memory)");
+#else
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes)),
+        "cudaFuncSetAttribute (dynamic shared memory)");
+#endif
+  limit = bytes;
 }
 
 /// Device memory for `n` objects of trivially copyable `T`, freed on destruction. Allocation
