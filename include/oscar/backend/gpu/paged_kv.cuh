@@ -15,8 +15,10 @@
 /// plan every call, size kernel grids and report out-of-memory *before* anything changes; the
 /// device holds the data and the per-entry state kernels read. All device work goes on the
 /// stream the caller passes; no call synchronizes the device except `read_entry` (a test and
-/// export helper that says so). Host-to-device metadata travels through pinned staging buffers
-/// that are reused once the copy that last used them has completed.
+/// export helper that says so) and the rare growth of an internal scratch buffer (a device
+/// allocation). Calls on one cache must be ordered (one stream, or events). Host-to-device
+/// metadata travels through pinned staging buffers that are reused once the copy that last
+/// used them has completed.
 ///
 /// Supported: create, fork (copy-on-write: blocks are shared, the last block is copied when a
 /// fork appends into it), free, append (many sequences of one layer, n tokens each), upload of
