@@ -446,12 +446,15 @@ int main(int argc, char** argv) {
     const shape main_shape{128, 2, 4, 64, 4, 64, {1, 5, 70, 300, 1200}, 3};
     run_case<q::fp2plus_kc>(r, "fp2plus-kc", main_shape, s);
     run_case<q::fp4plus>(r, "fp4plus", {128, 2, 4, 64, 4, 32, {3, 200, 700}, 2}, s);
+    // The default FP2+ (keys in 128-token tiles with outliers): the generic kernel.
+    run_case<q::fp2plus>(r, "fp2plus", {128, 2, 4, 128, 4, 64, {1, 70, 300, 1200}, 2}, s);
     if (!quick) {
+      run_case<q::fp2plus>(r, "fp2plus", {64, 2, 8, 256, 0, 16, {129, 900}, 2}, s);
       run_case<q::fp2plus_kc>(r, "fp2plus-kc", {64, 4, 8, 128, 2, 128, {2, 64, 129, 900, 2500}, 4}, s);
       run_case<q::fp2plus_kc>(r, "fp2plus-kc", {128, 1, 1, 256, 0, 16, {17, 640, 3000}, 2}, s);
       run_case<q::fp2plus_kc>(r, "fp2plus-kc", {128, 2, 8, 64, 4, 128, {100, 4000}, 2}, s);
       run_case<q::fp2plus_kc>(r, "fp2plus-kc", {128, 2, 16, 64, 4, 64, {500, 1000}, 1}, s);
-      run_case<q::fp2plus>(r, "fp2plus", {64, 2, 2, 16, 4, 32, {1, 40, 333}, 2}, s);
+      run_case<q::fp2plus_kh>(r, "fp2plus-kh", {64, 2, 2, 16, 4, 32, {1, 40, 333}, 2}, s);
       run_case<q::fp4plus>(r, "fp4plus", {64, 4, 1, 32, 2, 16, {9, 99, 999}, 3}, s);
     }
     std::printf("%d passed, %d failed\n", r.passed, r.failed);
