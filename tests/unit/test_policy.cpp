@@ -435,6 +435,7 @@ TEST_CASE("attention_aware stages blocks, then stores them under the bits budget
     INFO("budget " << budget);
     p::attention_aware aa;
     aa.bits_budget = budget;
+    aa.evict_threshold = 0.0;  // the budget alone decides here
     simulation<mixed_cache, p::attention_aware> sim(aa, config(2, 2, 64, 4, 32), 360,
                                                     {.prefill_tokens = 100});
     sim.track = false;
@@ -481,6 +482,15 @@ TEST_CASE("attention_aware stages blocks, then stores them under the bits budget
     std::map<index_t, p::action> by_block;
     for (const p::range_action& r : d.ranges) by_block[r.first] = r.what;
     CHECK(by_block.at(4) == p::action::store_low);
+    CHECK(by_block.at(4 + 64) == p::action::evict);
+    CHECK(by_block.at(4 + 128) == p::action::store_mid);
+
+    // The relative threshold evicts whatever scores below it, budget or not.
+    a.bits_budget = 16.0;
+    a.evict_threshold = 0.6;  // cut 0.0024: blocks 0 and 1
+    by_block.clear();
+    for (const p::range_action& r : a.on_decode(ctx).ranges) by_block[r.first] = r.what;
+    CHECK(by_block.at(4) == p::action::evict);
     CHECK(by_block.at(4 + 64) == p::action::evict);
     CHECK(by_block.at(4 + 128) == p::action::store_mid);
   }
