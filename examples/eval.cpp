@@ -24,8 +24,8 @@
 // `--prune T` prunes, after the prompt (`--prefill N` tokens, default 256), the heads whose
 // importance is at most T times the largest (at least one kept per layer), for uniform and
 // attention_aware; the importance is the head-importance file (default
-// examples/models/kjv-byte.heads, Taylor scores from examples/train/calibrate_heads.py),
-// attention_aware also weighs its blocks by it.
+// examples/models/kjv-byte.heads, Taylor scores from examples/train/calibrate_heads.py; `none`
+// for no file), attention_aware also weighs its blocks by it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -602,7 +602,7 @@ int main(int argc, char** argv) {
       chosen_policies.push_back(&*it);
     }
     std::optional<oscar::importance::head_importance> importance;
-    if (!chosen_policies.empty() &&
+    if (!chosen_policies.empty() && s.head_importance != "none" &&
         (s.head_importance_given || std::ifstream(s.head_importance).good())) {
       importance = oscar::importance::load_head_importance(s.head_importance);
       importance->check_shape(model.config().n_layers, model.config().n_kv_heads);
