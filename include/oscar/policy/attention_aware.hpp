@@ -13,8 +13,10 @@
 /// - Units below `evict_threshold * max` are evicted. Then, with the staged units at the low
 ///   tier (2 bits), while the region is over `bits_budget` the lowest units are evicted; with
 ///   budget left, staged units are promoted to the mid tier (4 bits) in score order while it
-///   fits. The budget counts every token that reached the region, evicted ones at zero and
-///   pruned heads' at their O(1) cost.
+///   fits, and then, still in score order, kept at full precision while that fits. A unit kept
+///   at full precision stays staged: the next decision may still store it lower. The budget
+///   counts every token that reached the region, evicted ones at zero and pruned heads' at
+///   their O(1) cost.
 /// - With `prune` set, heads not kept by that threshold over the head scores (gradient
 ///   importance, else the online concentration `1 - normalized entropy` of the prompt) are
 ///   pruned after the prompt: they keep only the running mean of their values.
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "oscar/importance/head.hpp"
@@ -81,7 +84,7 @@ struct attention_aware {
     cache::tier level;
     bool staged;
     double score;
-    action what;
+    action what;  // for a stored unit, keep_full means "as it is"
   };
 
   /// Head weights: gradient importance over its mean (1 without one).
@@ -143,17 +146,20 @@ struct attention_aware {
       it->what = action::evict;
       cost -= unit_cost(*it);
     }
-    // Promote staged units to mid while the budget allows.
-    for (unit& u : units) {
-      if (!u.staged || u.what == action::evict) continue;
-      const double extra = u.fill * (mid - low);
-      if (cost + extra <= budget) {
-        u.what = action::store_mid;
-        cost += extra;
+    // Promote staged units to mid, then to full, in score order while the budget allows.
+    const double full = c.bits(cache::tier::full);
+    for (const auto& [from, to, bits] : {std::tuple{action::store_low, action::store_mid, mid - low},
+                                        std::tuple{action::store_mid, action::keep_full, full - mid}}) {
+      for (unit& u : units) {
+        if (!u.staged || u.what != from) continue;
+        if (cost + u.fill * bits <= budget) {
+          u.what = to;
+          cost += u.fill * bits;
+        }
       }
     }
     for (const unit& u : units) {
-      if (u.what == action::keep_full) continue;  // a stored unit that stays as it is
+      if (u.what == action::keep_full) continue;  // stays as it is (full: still staged)
       d.ranges.push_back({u.layer, u.head, u.first, u.valid, u.what});
     }
   }
