@@ -544,7 +544,9 @@ class session {
     try {
       for (int l = 0; l < layers; ++l) {
         for (int h = 0; h < model_.config().n_kv_heads; ++h) {
-          // An append either adds the token to every head or changes nothing.
+          // An append either adds the token to every head or changes nothing. A pruned head
+          // (oscar::policy) has folded the token into its running mean for good.
+          if (cache_.pruned(seq_, l, h)) continue;
           const oscar::index_t last = cache_.tokens(seq_, l, h) - 1;
           cache_.evict(seq_, l, h, std::span(&last, 1));
         }
