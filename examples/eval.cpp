@@ -244,10 +244,10 @@ struct policy_entry {
       run;
 };
 
-/// The caches the policies run on: FP2+ (per-channel keys, the sweep's choice) / FP4+ / fp16
-/// tiers for the quantizing policies, fp16 everywhere for the evicting ones (they keep tokens
-/// at full precision, as the methods they reproduce do).
-using quantizing_cache = c::kv_cache<q::fp2plus_kc, q::fp4plus, q::kv_fp16>;
+/// The caches the policies run on: FP2+ (the default) / FP4+ / fp16 tiers for the quantizing
+/// policies, fp16 everywhere for the evicting ones (they keep tokens at full precision, as the
+/// methods they reproduce do).
+using quantizing_cache = c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16>;
 using fp16_cache = c::kv_cache<q::kv_fp16, q::kv_fp16, q::kv_fp16>;
 
 std::vector<policy_entry> known_policies() {

@@ -161,8 +161,8 @@ TEST_CASE("retier re-encodes a block in another tier in place", "[policy]") {
 
   // Reference: the block's fp16 tokens (holes included) through the low tier's own format,
   // with the per-head metadata the cache calibrated.
-  using K = q::format_traits<q::fp2plus_channel_key>;
-  using V = q::format_traits<q::fp2plus_value>;
+  using K = q::format_traits<q::fp2plus_channel_g64>;
+  using V = q::format_traits<q::fp2plus_g16>;
   const auto& params = cache.params<2>(s, 0, 0);
   REQUIRE(params.calibrated);
   std::vector<float> bk(64 * kHeadDim), bv(64 * kHeadDim);
@@ -172,12 +172,12 @@ TEST_CASE("retier re-encodes a block in another tier in place", "[policy]") {
       bv[t * kHeadDim + d] = static_cast<float>(oscar::half(v.view().row(4 + 64 + t, 0)[d]));
     }
   }
-  std::vector<K::block> kb(q::blocks_per_tile<q::fp2plus_channel_key>(kHeadDim));
+  std::vector<K::block> kb(q::blocks_per_tile<q::fp2plus_channel_g64>(kHeadDim));
   K::encode_tile(bk.data(), kHeadDim, params.key, kb.data());
   std::vector<float> rk(bk.size()), rv(bv.size());
   K::decode_tile(kb.data(), kHeadDim, params.key, rk.data());
   for (int t = 0; t < 64; ++t) {
-    std::vector<V::block> vb(q::blocks_per_tile<q::fp2plus_value>(kHeadDim));
+    std::vector<V::block> vb(q::blocks_per_tile<q::fp2plus_g16>(kHeadDim));
     V::encode_tile(bv.data() + t * kHeadDim, kHeadDim, params.value, vb.data());
     V::decode_tile(vb.data(), kHeadDim, params.value, rv.data() + t * kHeadDim);
   }
@@ -430,16 +430,21 @@ TEST_CASE("uniform prunes the heads a threshold drops, keeping a floor per layer
   }
 }
 
-TEST_CASE("attention_aware stages blocks, then stores them under the bits budget", "[policy]") {
+namespace {
+
+/// attention_aware over a synthetic sequence on `Cache` with blocks of `block_tokens`: the
+/// budget is met and spent.
+template <class Cache>
+void check_budget(int block_tokens, index_t tokens) {
   for (const double budget : {3.0, 2.0}) {
-    INFO("budget " << budget);
+    INFO("budget " << budget << ", blocks of " << block_tokens);
     p::attention_aware aa;
     aa.bits_budget = budget;
     aa.evict_threshold = 0.0;  // the budget alone decides here
-    simulation<mixed_cache, p::attention_aware> sim(aa, config(2, 2, 64, 4, 32), 360,
-                                                    {.prefill_tokens = 100});
+    simulation<Cache, p::attention_aware> sim(aa, config(2, 2, block_tokens, 4, 32), tokens,
+                                              {.prefill_tokens = 100});
     sim.track = false;
-    sim.run(0, 360);
+    sim.run(0, tokens);
     sim.driver.finish();
     const p::region_usage u = sim.driver.usage();
     CHECK(u.bits_per_element() <= budget + 1e-9);
@@ -451,6 +456,13 @@ TEST_CASE("attention_aware stages blocks, then stores them under the bits budget
       CHECK(u.evicted_tokens > 0);  // below 2.5 bits, eviction pays
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("attention_aware stages blocks, then stores them under the bits budget", "[policy]") {
+  check_budget<mixed_cache>(64, 360);     // FP2+ with 64-token per-channel keys
+  check_budget<c::kv_cache<>>(128, 300);  // the default FP2+ (128-token key groups)
 
   // The decision on a hand-made state: three staged blocks of one head and a budget of
   // (4.5 + 2.5 + 0) / 3 bits: the best block at 4 bits, the next at 2, the least evicted.
