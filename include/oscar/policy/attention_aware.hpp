@@ -21,9 +21,10 @@
 ///   importance, else the online concentration `1 - normalized entropy` of the prompt) are
 ///   pruned after the prompt: they keep only the running mean of their values.
 ///
-/// Precision is chosen per block (the unit of a tier). With the FP2+ default's 64-token key
-/// groups a chunk is a block, so a unit is 64 consecutive tokens; with per-token formats tokens
-/// also age into blocks in arrival order (this policy does not regroup them by compaction).
+/// Precision is chosen per block (the unit of a tier). With the FP2+ default's 128-token key
+/// groups a chunk fills a 128-token block, so a unit is 128 consecutive tokens; with per-token
+/// formats tokens also age into blocks in arrival order (this policy does not regroup them by
+/// compaction).
 #pragma once
 
 #include <algorithm>

@@ -9,7 +9,7 @@
 /// |---|---|---|
 /// | `cache::tier on_append(const cache::block_request&)` | the cache needs a new block (tokens age out of the window) | the block's tier |
 /// | `decision on_prefill(const context&)` | once, after the prompt (`driver_options::prefill_tokens`) | actions |
-/// | `decision on_decode(const context&)` | every `decode_interval()` decode steps (0: never) | actions |
+/// | `decision on_decode(const context&)` | every `decode_interval()` steps, from the first (0: never) | actions |
 /// | `index_t decode_interval() const` | once, at construction of the driver | steps |
 ///
 /// and, optionally, capability flags (`static constexpr bool`): `needs_attention_stats` (the

@@ -124,7 +124,9 @@ class driver {
     }
   }
 
-  /// After every layer of a step: counts the step and runs `on_prefill` / `on_decode` when due.
+  /// After every layer of a step: counts the step and runs `on_prefill` (once, after
+  /// `prefill_tokens` steps) or else `on_decode` (every `decode_interval()` steps, counted from
+  /// the first, so a sequence fed token by token is managed before its prompt ends too).
   /// Returns whether a hook ran.
   bool end_step() {
     ++step_;
@@ -132,7 +134,7 @@ class driver {
       end_prefill();
       return true;
     }
-    if (prefilled_ && interval_ > 0 && (step_ - prefill_step_) % interval_ == 0) {
+    if (interval_ > 0 && step_ % interval_ == 0) {
       run([&](const context& c) { return policy_.on_decode(c); });
       return true;
     }
@@ -144,7 +146,6 @@ class driver {
     if (prefilled_) return;
     run([&](const context& c) { return policy_.on_prefill(c); });
     prefilled_ = true;
-    prefill_step_ = step_;
     for (auto& obs : observation_) obs.clear();
   }
 
@@ -372,7 +373,6 @@ class driver {
   const importance::head_scores* gradients_;
   index_t interval_ = 0;
   index_t step_ = 0;
-  index_t prefill_step_ = 0;
   bool prefilled_ = false;
   importance::head_stats_accumulator head_stats_;
   std::vector<importance::token_scores> scores_;
