@@ -118,6 +118,7 @@ trace run(const oscar_engine::model& model, const std::vector<int>& tokens, int 
         const auto a = s.attention_output(l);
         out.attention.back().emplace_back(a.begin(), a.end());
       }
+      out.kv_bytes_peak = std::max(out.kv_bytes_peak, static_cast<double>(cache.usage().bytes_used()));
       if ((i + 1) % 128 == 0 || i + 1 == tokens.size()) {
         std::fprintf(stderr, "\roscar-eval: %s %zu/%zu tokens", label, i + 1, tokens.size());
       }
