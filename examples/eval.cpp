@@ -97,6 +97,28 @@ struct result {
   double attn_rel_err = 0, kl = 0, top1 = 0, ppl = 0;
 };
 
+/// Feeds `tokens` to session `s` one by one, recording logits, each layer's attention output
+/// and the cache's peak bytes in `out`; `after_step()` runs after each step, before the peak.
+template <class Cache, class AfterStep>
+void feed(oscar_engine::session<Cache>& s, const Cache& cache, const std::vector<int>& tokens,
+          const std::string& label, trace& out, AfterStep&& after_step) {
+  const int layers = s.get_model().config().n_layers;
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    const auto logits = s.step(tokens[i]);
+    out.logits.emplace_back(logits.begin(), logits.end());
+    out.attention.emplace_back();
+    for (int l = 0; l < layers; ++l) {
+      const auto a = s.attention_output(l);
+      out.attention.back().emplace_back(a.begin(), a.end());
+    }
+    after_step();
+    out.kv_bytes_peak = std::max(out.kv_bytes_peak, static_cast<double>(cache.usage().bytes_used()));
+    if ((i + 1) % 128 == 0 || i + 1 == tokens.size()) {
+      std::fprintf(stderr, "\roscar-eval: %s %zu/%zu tokens", label.c_str(), i + 1, tokens.size());
+    }
+  }
+}
+
 /// Runs `model` over `tokens` with a cache storing every tier in KV format `KV`.
 template <class KV>
 trace run(const oscar_engine::model& model, const std::vector<int>& tokens, int sinks, int window,
@@ -109,20 +131,7 @@ trace run(const oscar_engine::model& model, const std::vector<int>& tokens, int 
   trace out;
   {
     oscar_engine::session<cache_type> s(model, cache);
-    const int layers = model.config().n_layers;
-    for (std::size_t i = 0; i < tokens.size(); ++i) {
-      const auto logits = s.step(tokens[i]);
-      out.logits.emplace_back(logits.begin(), logits.end());
-      out.attention.emplace_back();
-      for (int l = 0; l < layers; ++l) {
-        const auto a = s.attention_output(l);
-        out.attention.back().emplace_back(a.begin(), a.end());
-      }
-      out.kv_bytes_peak = std::max(out.kv_bytes_peak, static_cast<double>(cache.usage().bytes_used()));
-      if ((i + 1) % 128 == 0 || i + 1 == tokens.size()) {
-        std::fprintf(stderr, "\roscar-eval: %s %zu/%zu tokens", label, i + 1, tokens.size());
-      }
-    }
+    feed(s, cache, tokens, label, out, [] {});
     out.kv_bytes = static_cast<double>(cache.usage().bytes_used());
   }
   std::fprintf(stderr, "\n");
@@ -147,21 +156,7 @@ trace run_policy(const oscar_engine::model& model, const std::vector<int>& token
         session.observe_attention([&](int layer, std::span<const oscar::attention::kv_head_stats> st,
                                       oscar::kv_view<const float> o) { driver.observe(layer, st, o); });
       }
-      const int layers = model.config().n_layers;
-      for (std::size_t i = 0; i < tokens.size(); ++i) {
-        const auto logits = session.step(tokens[i]);
-        out.logits.emplace_back(logits.begin(), logits.end());
-        out.attention.emplace_back();
-        for (int l = 0; l < layers; ++l) {
-          const auto a = session.attention_output(l);
-          out.attention.back().emplace_back(a.begin(), a.end());
-        }
-        driver.end_step();
-        out.kv_bytes_peak = std::max(out.kv_bytes_peak, static_cast<double>(cache.usage().bytes_used()));
-        if ((i + 1) % 128 == 0 || i + 1 == tokens.size()) {
-          std::fprintf(stderr, "\roscar-eval: %s %zu/%zu tokens", label.c_str(), i + 1, tokens.size());
-        }
-      }
+      feed(session, cache, tokens, label, out, [&] { driver.end_step(); });
       driver.finish();
       const pol::region_usage u = driver.usage();
       out.region_bits = u.bits_per_element();
