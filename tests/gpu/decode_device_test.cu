@@ -272,6 +272,33 @@ bool same_entry(const Host& host, cache::seq_id seq, const gpu::paged_kv<KV>& de
   return true;
 }
 
+/// Upload refuses a host cache with a pruned head (it holds a running mean, not tokens) and
+/// leaves the device cache without new slots.
+void check_upload_refuses_pruned(report& r, gpu::stream_t s) {
+  using KV = q::fp2plus_kc;
+  const cache::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 64,
+                                .sink_tokens = 4, .window_tokens = 64};
+  cache::kv_cache<KV, q::fp4plus, q::kv_fp16> host(cfg, {.full = 0, .mid = 0, .low = 1 << 20});
+  const cache::seq_id seq = host.create();
+  std::vector<float> k(300 * 2 * 64), v(k.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = std::sin(0.37f * float(i));
+    v[i] = std::cos(0.11f * float(i));
+  }
+  host.append(seq, 0, oscar::make_kv_view<const float>(k.data(), 300, 2, 64),
+              oscar::make_kv_view<const float>(v.data(), 300, 2, 64));
+  host.prune(seq, 0, 1);
+  gpu::paged_kv<KV> dev(cfg, {.max_sequences = 2, .max_tokens = 1024, .pool_blocks = 64}, s);
+  bool refused = false;
+  try {
+    (void)dev.upload(host, std::span<const cache::seq_id>(&seq, 1), s);
+  } catch (const oscar::error& e) {
+    refused = e.code() == oscar::errc::unsupported && std::string(e.what()).find("pruned") != std::string::npos;
+  }
+  const std::vector<gpu::slot_id> after = dev.upload(host, std::span<const cache::seq_id>(), s);
+  r.check(refused && after.empty(), "upload refuses a pruned head with errc::unsupported");
+}
+
 template <class KV>
 void run_case(report& r, const char* format, const shape& sh, gpu::stream_t s) {
   constexpr bool has_mma = gpu::has_mma_layout_v<KV>;
@@ -443,6 +470,7 @@ int main(int argc, char** argv) {
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
     check_primitives(r, s);
 #endif
+    check_upload_refuses_pruned(r, s);
     const shape main_shape{128, 2, 4, 64, 4, 64, {1, 5, 70, 300, 1200}, 3};
     run_case<q::fp2plus_kc>(r, "fp2plus-kc", main_shape, s);
     run_case<q::fp4plus>(r, "fp4plus", {128, 2, 4, 64, 4, 32, {3, 200, 700}, 2}, s);

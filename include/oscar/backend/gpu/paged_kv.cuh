@@ -470,8 +470,9 @@ class paged_kv {
 
   /// Copies sequences `seqs` of the host cache `host` (every layer) into new slots, returned in
   /// the same order. The host cache must have this cache's shape and hold `KV` in its low tier,
-  /// every block in that tier, every block but the last full, and no evicted tokens. Blocks the
-  /// host shares between the given sequences (forks) are shared on the device too.
+  /// every block in that tier, every block but the last full, no evicted tokens and no pruned
+  /// heads. Blocks the host shares between the given sequences (forks) are shared on the device
+  /// too.
   template <class Mid, class Full, class Alloc>
   std::vector<slot_id> upload(const cache::kv_cache<KV, Mid, Full, Alloc>& host,
                               std::span<const cache::seq_id> seqs, stream_t stream) {
@@ -505,6 +506,10 @@ class paged_kv {
     for (cache::seq_id seq : seqs) {
       for (int layer = 0; layer < config_.layers; ++layer) {
         for (int h = 0; h < config_.kv_heads; ++h) {
+          OSCAR_CHECK(!host.pruned(seq, layer, h), errc::unsupported, "sequence ", seq,
+                      " layer ", layer, " KV head ", h,
+                      " is pruned (a running mean of values); upload is not allowed for pruned "
+                      "heads (allowed: heads holding their tokens)");
           const auto ev = host.view(seq, layer, h);
           mirror_entry m;
           for (std::size_t i = 0; i < ev.slots.size(); ++i) {
