@@ -93,7 +93,7 @@ backends() {
 TEST_CASE("attention skip: block key bounds hold in the engine's space, rotated or not",
           "[attention][skip]") {
   const c::cache_config cfg{.layers = 1, .kv_heads = kHeads, .head_dim = kHeadDim,
-                            .block_tokens = 64, .sink_tokens = 4, .window_tokens = 16};
+                            .block_tokens = 128, .sink_tokens = 4, .window_tokens = 16};
   const auto qs = oscar::testing::gaussian_kv(1, kHeads, kHeadDim, 31, 1.0f);
   const auto check = [&](const auto& cache, c::seq_id id) {
     const auto g = cache.gather(id, 0);
@@ -129,7 +129,7 @@ TEST_CASE("attention skip: threshold 0, or too large to skip anything, changes n
           "[attention][skip]") {
   using cache_type = c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16>;
   const c::cache_config cfg{.layers = 1, .kv_heads = kHeads, .head_dim = kHeadDim,
-                            .block_tokens = 64, .sink_tokens = 4, .window_tokens = 64};
+                            .block_tokens = 128, .sink_tokens = 4, .window_tokens = 64};
   cache_type cache(cfg, kBudget);
   const auto qs = make_queries(41);
   const auto k = make_keys(qs, 600, 68, 388);
@@ -168,7 +168,7 @@ TEST_CASE("attention skip: skipped blocks stay within the documented error bound
           "[attention][skip]") {
   using cache_type = c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16>;
   const c::cache_config cfg{.layers = 1, .kv_heads = kHeads, .head_dim = kHeadDim,
-                            .block_tokens = 64, .sink_tokens = 4, .window_tokens = 64};
+                            .block_tokens = 128, .sink_tokens = 4, .window_tokens = 64};
   cache_type cache(cfg, kBudget, [](const c::block_request& r) {
     return r.block_index == 2 ? c::tier::mid : c::tier::low;  // a rotated FP4+ block too
   });
@@ -226,7 +226,7 @@ TEST_CASE("attention skip: without sinks and window there is no reference, nothi
           "[attention][skip]") {
   using cache_type = c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16>;
   const c::cache_config cfg{.layers = 1, .kv_heads = kHeads, .head_dim = kHeadDim,
-                            .block_tokens = 64, .sink_tokens = 0, .window_tokens = 0};
+                            .block_tokens = 128, .sink_tokens = 0, .window_tokens = 0};
   cache_type cache(cfg, kBudget);
   const auto qs = make_queries(61);
   const auto k = make_keys(qs, 256, 64, 192);  // exactly four blocks, no window left

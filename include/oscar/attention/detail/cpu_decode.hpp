@@ -9,7 +9,7 @@
 ///    window in pieces of at most 256 rows), its queries scaled by `softmax_scale * log2(e)`
 ///    (the kernels use base-2 exponentials), and a rotated copy when a tier's keys are rotated.
 /// 2. With `skip_threshold > 0`: per entry, the reference scores (sinks and window) and the
-///    skipped blocks (`attention/skip.hpp`).
+///    skipped blocks (`attention/skip.hpp`), their bounds vectorized like the scores.
 /// 3. Tasks: each entry, or, when there are fewer entries than 4x the threads (one long
 ///    sequence), contiguous runs of its segments with about equal token counts (split-K).
 ///    Each task keeps per query head a running max `m`, sum `l` and accumulators (plain and
@@ -76,7 +76,8 @@ struct segment {
   bool skipped = false;            ///< block: left out by block skipping
   const std::byte* data = nullptr; ///< block: its bytes
   const std::bitset<cache::max_block_tokens>* valid = nullptr;  ///< block: live tokens
-  cache::block_id id = 0;          ///< block: id in its tier's pool
+  const half* key_min = nullptr;   ///< block: per-channel bounds of its keys (head_dim each)
+  const half* key_max = nullptr;
   int first_row = 0;               ///< sinks / window: first row of this piece
   int count = 0;                   ///< rows (sinks / window) or fill (block)
   index_t position = 0;            ///< entry position of the first live token
@@ -180,6 +181,16 @@ inline void rotate_rows_on(cpu_isa isa, float* x, index_t rows, int d, bool inve
   }
 }
 
+inline void key_bounds_on(cpu_isa isa, const float* q, int group, int d, const half* lo,
+                          const half* hi, float* out) noexcept {
+#if OSCAR_ATTENTION_X86_KERNELS
+  if (isa == cpu_isa::avx512) return cpu_avx512::key_bounds(q, group, d, lo, hi, out);
+  if (isa == cpu_isa::avx2) return cpu_avx2::key_bounds(q, group, d, lo, hi, out);
+#endif
+  (void)isa;
+  cpu_scalar::key_bounds(q, group, d, lo, hi, out);
+}
+
 template <class Cache>
 void reference_scores_on(cpu_isa isa, task_state& st, const entry_work<Cache>& e,
                          float* ref) noexcept {
@@ -234,7 +245,8 @@ void build_entry(const Cache& cache, cache::seq_id seq, int layer, int h, entry_
     s.tier = static_cast<int>(slot.level);
     s.data = cache.pool(slot.level).data(slot.id);
     s.valid = &slot.valid;
-    s.id = slot.id;
+    s.key_min = cache.pool(slot.level).key_min(slot.id).data();
+    s.key_max = cache.pool(slot.level).key_max(slot.id).data();
     s.count = cache.pool(slot.level).fill(slot.id);
     s.position = e.tokens;
     s.live = static_cast<index_t>(slot.valid.count());
@@ -278,6 +290,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
   const int threads = opt.threads > 0 ? opt.threads : default_threads();
   const cpu_isa isa = kernel_isa(d);
   const float log2e = 1.4426950408889634f;
+  const float q_factor = scale * log2e;  // the kernels' scores are in base 2
 
   // 1. Entries and their segments (throws for an unknown sequence or an empty head).
   std::vector<entry_work<Cache>> entries(static_cast<std::size_t>(batch * heads));
@@ -294,7 +307,7 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
       e.q_plain.resize(static_cast<std::size_t>(group) * d);
       for (int j = 0; j < group; ++j) {
         const float* row = q.row(b, h * group + j);
-        for (int c = 0; c < d; ++c) e.q_plain[static_cast<std::size_t>(j * d + c)] = row[c] * scale * log2e;
+        for (int c = 0; c < d; ++c) e.q_plain[static_cast<std::size_t>(j * d + c)] = row[c] * q_factor;
       }
       if constexpr (kernels::key_rotated) {
         e.q_rot = e.q_plain;
@@ -313,33 +326,32 @@ void cpu_decode(const Cache& cache, int layer, std::span<const cache::seq_id> se
     return st;
   };
 
-  // 2. Block skipping.
+  // 2. Block skipping: the rule of attention/skip.hpp, in the kernels' base-2 units, with the
+  // bounds summed in float; a relative margin of 1e-4 keeps every skip on the safe side of
+  // float rounding (of the bound and of the kernels' own scores).
   if (opt.skip_threshold > 0.0f) {
+    const float tau = opt.skip_threshold * log2e;
     parallel_for(entry_count, threads, [&](index_t i) noexcept {
       entry_work<Cache>& e = entries[static_cast<std::size_t>(i)];
       task_state st = make_state(e);
-      std::vector<float> ref(static_cast<std::size_t>(group));
+      std::vector<float> ref(static_cast<std::size_t>(group)), bound(ref.size());
       reference_scores_on<Cache>(isa, st, e, ref.data());
-      std::vector<double> ref_nat(ref.size());
-      std::vector<const float*> qs(static_cast<std::size_t>(group));
-      for (int j = 0; j < group; ++j) {
-        ref_nat[j] = double(ref[j]) / double(log2e);  // base-2 units -> nats
-        qs[j] = q.row(e.b, e.h * group + j);
+      const bool has_reference = ref[0] != -HUGE_VALF;  // else: no sinks, no window
+      for (segment& seg : e.segments) {
+        if (seg.kind != segment_kind::block) continue;
+        ++e.report.blocks;
+        if (!has_reference) continue;
+        key_bounds_on(isa, e.q_plain.data(), group, d, seg.key_min, seg.key_max, bound.data());
+        bool low = true;
+        for (int j = 0; j < group && low; ++j) {
+          const float margin = 1e-4f * (std::abs(bound[j]) + std::abs(ref[j]));
+          low = bound[j] + margin < ref[j] - tau;
+        }
+        if (!low) continue;
+        seg.skipped = true;
+        ++e.report.blocks_skipped;
+        e.report.tokens_skipped += seg.live;
       }
-      std::vector<cache::block_slot> slots;
-      for (const segment& s : e.segments) {
-        if (s.kind == segment_kind::block) slots.push_back(cache::block_slot{static_cast<cache::tier>(s.tier), s.id, *s.valid});
-      }
-      if (ref[0] == -HUGE_VALF) {  // no sinks and no window: no reference score
-        e.report.blocks += static_cast<index_t>(slots.size());
-        return;
-      }
-      std::vector<unsigned char> skip;
-      plan_block_skips(cache, slots, qs.data(), group, scale, ref_nat.data(),
-                       opt.skip_threshold, skip, e.report);
-      std::size_t k = 0;
-      for (segment& s : e.segments)
-        if (s.kind == segment_kind::block) s.skipped = skip[k++] != 0;
     });
   }
 

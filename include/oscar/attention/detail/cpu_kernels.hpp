@@ -566,6 +566,21 @@ void run_task(task_state& st, const entry_work<Cache>& e, int first, int last,
   }
 }
 
+/// Block skipping's bound on `q_j . k` over a block's keys for the `group` query heads `q`
+/// (`[group][d]`, plain space): `sum_c max(q_jc lo_c, q_jc hi_c)` from the fp16 key bounds.
+inline void key_bounds(const float* q, int group, int d, const half* lo, const half* hi,
+                       float* out) noexcept {
+  for (int j = 0; j < group; ++j) {
+    vf acc = simd::zero();
+    for (int c = 0; c < d; c += W) {
+      const vf qj = simd::load(q + j * d + c);
+      acc = simd::add(acc, simd::max(simd::mul(qj, simd::load_half(&lo[c].bits)),
+                                     simd::mul(qj, simd::load_half(&hi[c].bits))));
+    }
+    out[j] = simd::reduce_add(acc);
+  }
+}
+
 /// The reference scores of block skipping: per query head, the largest score (base-2 units,
 /// as the kernels compute them) over the entry's sinks and window; -inf without any.
 template <class Cache>

@@ -193,7 +193,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
   const cpu_isa isa = kernel_isa(d);
   const bool bf16 = opt.compute == compute_type::bf16;
   const auto dt = bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
-  const float log2e = 1.4426950408889634f;
+  const float q_factor = scale * 1.4426950408889634f;  // scores in base 2
   const double ln2 = 0.6931471805599453;
 
   std::vector<entry_work<Cache>> entries(static_cast<std::size_t>(heads));
@@ -242,7 +242,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
       for (index_t r = task * kRows; r < r1; ++r) {
         const float* src = q.row(r / group, h * group + static_cast<int>(r % group));
         float* dst = q_f32.data() + r * d;
-        for (int c = 0; c < d; ++c) dst[c] = src[c] * scale * log2e;
+        for (int c = 0; c < d; ++c) dst[c] = src[c] * q_factor;
       }
       if constexpr (key_rot) rotate_rows_on(isa, q_f32.data() + task * kRows * d, r1 - task * kRows, d, false);
       if (bf16) {
@@ -260,7 +260,23 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
       int chunk_column = kTileTokens;  // first column holding a chunk token
       index_t chunk_first = 0;         // that token's chunk index
 
-      // Whole blocks waiting to be decoded into the tile, with their first row.
+      // Rows enter the tile in its space and data type: decoded (or copied) as f32 into
+      // `k_tile`/`v_tile`, rotated if needed, and with bf16 rounded into `k_bf16`/`v_bf16`.
+      const auto land = [&](float* kr, float* vr, int rows_in, bool k_rotated, bool v_rotated,
+                            int first) noexcept {
+        for (int t = 0; t < rows_in; ++t) {
+          to_space(isa, kr + static_cast<std::size_t>(t) * d, d, k_rotated, key_rot);
+          to_space(isa, vr + static_cast<std::size_t>(t) * d, d, v_rotated, value_rot);
+        }
+        if (!bf16) return;
+        const std::size_t at = static_cast<std::size_t>(first) * d;
+        const std::size_t n = static_cast<std::size_t>(rows_in) * d;
+        to_bf16_on(isa, kr, n, k_bf16.data() + at);
+        to_bf16_on(isa, vr, n, v_bf16.data() + at);
+      };
+
+      // Whole blocks waiting to be decoded into the tile, with their first row; decoded
+      // together, one block per task.
       std::vector<std::pair<const segment*, int>> pending;
       const auto decode_pending = [&] {
         parallel_for(static_cast<index_t>(pending.size()), threads, [&](index_t i) noexcept {
@@ -268,10 +284,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
           float* kd = k_tile.data() + static_cast<std::size_t>(first) * d;
           float* vd = v_tile.data() + static_cast<std::size_t>(first) * d;
           const auto [kr, vr] = decode_block_on<Cache>(isa, st, e, *seg, kd, vd);
-          for (int t = 0; t < seg->count; ++t) {
-            to_space(isa, kd + static_cast<std::size_t>(t) * d, d, kr, key_rot);
-            to_space(isa, vd + static_cast<std::size_t>(t) * d, d, vr, value_rot);
-          }
+          land(kd, vd, seg->count, kr, vr, first);
         });
         pending.clear();
       };
@@ -279,14 +292,13 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
       const auto flush = [&] {
         decode_pending();
         if (filled == 0) return;
-        std::fill(k_tile.begin() + static_cast<std::ptrdiff_t>(filled) * d, k_tile.end(), 0.0f);
-        std::fill(v_tile.begin() + static_cast<std::ptrdiff_t>(filled) * d, v_tile.end(), 0.0f);
+        const auto pad = static_cast<std::ptrdiff_t>(filled) * d;
         if (bf16) {
-          parallel_for(kTileTokens / kRows, threads, [&](index_t task) noexcept {
-            const std::size_t at = static_cast<std::size_t>(task * kRows) * d;
-            to_bf16_on(isa, k_tile.data() + at, static_cast<std::size_t>(kRows) * d, k_bf16.data() + at);
-            to_bf16_on(isa, v_tile.data() + at, static_cast<std::size_t>(kRows) * d, v_bf16.data() + at);
-          });
+          std::fill(k_bf16.begin() + pad, k_bf16.end(), std::uint16_t{0});
+          std::fill(v_bf16.begin() + pad, v_bf16.end(), std::uint16_t{0});
+        } else {
+          std::fill(k_tile.begin() + pad, k_tile.end(), 0.0f);
+          std::fill(v_tile.begin() + pad, v_tile.end(), 0.0f);
         }
         void* kp = bf16 ? static_cast<void*>(k_bf16.data()) : k_tile.data();
         void* vp = bf16 ? static_cast<void*>(v_bf16.data()) : v_tile.data();
@@ -355,8 +367,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
         float* vd = v_tile.data() + static_cast<std::size_t>(filled) * d;
         std::copy(kr, kr + d, kd);
         std::copy(vr, vr + d, vd);
-        to_space(isa, kd, d, k_rotated, key_rot);
-        to_space(isa, vd, d, v_rotated, value_rot);
+        land(kd, vd, 1, k_rotated, v_rotated, filled);
         position[filled] = pos;
         if (chunk_index >= 0 && chunk_column == kTileTokens) {
           chunk_column = filled;
