@@ -20,11 +20,13 @@
 /// the same oneDNN matmul primitives, tile sizes and online softmax over dense bf16 K/V (so
 /// the difference is what reading the compressed cache costs).
 ///
-/// Each row runs 5 times, the repetitions of all rows in random order (Google Benchmark's
-/// random interleaving, on by default here), and the summary table gives medians: time, speed-up over dense fp32 and dense bf16, bytes read, and the floor.
+/// Each decode row runs 5 times and each prefill row 3, the repetitions of all rows in random
+/// order (Google Benchmark's random interleaving, on by default here); the summary gives
+/// medians: time, speed-up over dense fp32 and dense bf16, bytes read, and the floor.
 /// K/V are synthetic (`oscar/testing/synthetic_kv.hpp`), 8192 tokens repeated; building the
 /// three caches (164K tokens each through `kv_cache::append`, the host reference encoders)
-/// takes a minute, in parallel threads, before the first row and outside every timing.
+/// takes 20 s to a minute, in parallel threads, before the first OSCAR row and outside every
+/// timing.
 /// Build with OpenMP (bench/CMakeLists.txt does): OSCAR's kernels then share oneDNN's threads.
 
 #include <benchmark/benchmark.h>
@@ -488,12 +490,12 @@ void register_all() {
     }
   }
   benchmark::RegisterBenchmark("prefill/32K+2K/dense-bf16", bm_dense_prefill)
-      ->Iterations(1)->Repetitions(5)->UseRealTime()->ReportAggregatesOnly(true);
+      ->Iterations(1)->Repetitions(3)->UseRealTime()->ReportAggregatesOnly(true);
   for (const char* f : {"fp2plus", "fp2plus-kc"}) {
     const std::string format = f;
     benchmark::RegisterBenchmark(("prefill/32K+2K/" + format).c_str(),
                                  [format](benchmark::State& s) { bm_oscar_prefill(s, format); })
-        ->Iterations(1)->Repetitions(5)->UseRealTime()->ReportAggregatesOnly(true);
+        ->Iterations(1)->Repetitions(3)->UseRealTime()->ReportAggregatesOnly(true);
   }
 }
 
@@ -540,7 +542,7 @@ class attention_reporter : public oscar_bench::summary_reporter {
       }
     }
     out << "\nPrefill: a " << kChunk << "-token chunk against " << kPrefillContext
-        << " cached tokens, bf16 matmuls (median of 5; err = rel. RMS vs dense bf16)\n";
+        << " cached tokens, bf16 matmuls (median of 3; err = rel. RMS vs dense bf16)\n";
     const double dense = get("prefill/32K+2K/dense-bf16", "ms");
     std::snprintf(line, sizeof(line), "%-12s %10s %10s %9s\n", "method", "ms", "x bf16", "err");
     out << line;
