@@ -62,7 +62,7 @@ namespace oc = oscar::cache;
 
 constexpr int kHeads = 8;
 constexpr int kHeadDim = 128;
-constexpr int kBlockTokens = 64;
+constexpr int kBlockTokens = 128;  // one tile of the default FP2+ keys
 constexpr int kSinks = 4;
 constexpr int kWindow = 128;
 constexpr index_t kTokens = 16384;  ///< tokens per sequence in append and gather

@@ -9,6 +9,8 @@
 ///   `oscar::attention::decode(backend::host{}, ...)`.
 /// - `cache_config_for(model, sinks, window)` and `pool_budget_for<Cache>(model, config)`:
 ///   a cache shaped and sized for the model.
+/// - `session::observe_attention(f)`: attention runs with statistics and `f` sees each layer's
+///   (per-KV-head statistics, attention output), e.g. to feed `oscar::policy::driver::observe`.
 ///
 /// The math is run.c's: RMSNorm (eps 1e-5), RoPE over adjacent pairs (2i, 2i+1) of each head
 /// with theta = pos * 10000^(-2i / head_dim), grouped-query attention, a SwiGLU FFN, and a
@@ -34,6 +36,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <span>
 #include <string>
@@ -337,9 +340,10 @@ class model {
 };
 
 /// A cache configuration shaped for `m`: its layers, KV heads and head_dim, with `sinks` fp16
-/// sink tokens and a fp16 window of `window` tokens per (layer, KV head).
+/// sink tokens and a fp16 window of `window` tokens per (layer, KV head). The default 128-token
+/// blocks hold one tile of the default FP2+ keys (per-channel groups of 128 tokens).
 inline oscar::cache::cache_config cache_config_for(const model& m, int sinks, int window,
-                                                   int block_tokens = 64) {
+                                                   int block_tokens = 128) {
   const model_config& c = m.config();
   oscar::cache::cache_config cfg;
   cfg.layers = c.n_layers;
@@ -463,7 +467,12 @@ class session {
         oscar::attention::decode(oscar::backend::host{}, cache_, l, std::span(&seq_, 1),
                                  oscar::make_kv_view<const float>(q_.data(), 1, c.n_heads, hd),
                                  oscar::make_kv_view(att.data(), 1, c.n_heads, hd),
-                                 oscar::attention::options{.q_heads = c.n_heads});
+                                 oscar::attention::options{.q_heads = c.n_heads,
+                                                           .want_stats = observer_ != nullptr},
+                                 observer_ ? &stats_ : nullptr);
+        if (observer_) {
+          observer_(l, stats_, oscar::make_kv_view<const float>(att.data(), 1, c.n_heads, hd));
+        }
         detail::matvec(w.wo, dim, c.q_dim(), att.data(), xb2_.data());
         for (int i = 0; i < dim; ++i) x_[i] += xb2_[i];
 
@@ -498,6 +507,14 @@ class session {
     return attention_[static_cast<std::size_t>(layer)];
   }
 
+  /// Per layer and step, after attention: the layer's statistics (one per KV head) and its
+  /// attention output `[1, n_heads, head_dim]`.
+  using attention_observer = std::function<void(
+      int layer, std::span<const oscar::attention::kv_head_stats>, oscar::kv_view<const float>)>;
+  /// From the next step on, attention runs with statistics and `f` sees them (an empty `f`
+  /// stops it). An exception from `f` propagates from `step` like a cache error.
+  void observe_attention(attention_observer f) { observer_ = std::move(f); }
+
   /// The last step's logits ([vocab]; zeros before the first step).
   [[nodiscard]] std::span<const float> logits() const noexcept { return logits_; }
   /// Tokens fed so far: the position of the next token.
@@ -527,7 +544,9 @@ class session {
     try {
       for (int l = 0; l < layers; ++l) {
         for (int h = 0; h < model_.config().n_kv_heads; ++h) {
-          // An append either adds the token to every head or changes nothing.
+          // An append either adds the token to every head or changes nothing. A pruned head
+          // (oscar::policy) has folded the token into its running mean for good.
+          if (cache_.pruned(seq_, l, h)) continue;
           const oscar::index_t last = cache_.tokens(seq_, l, h) - 1;
           cache_.evict(seq_, l, h, std::span(&last, 1));
         }
@@ -543,6 +562,8 @@ class session {
   std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_, logits_, cos_, sin_;
   std::vector<std::vector<float>> attention_;       // [layers][q_dim], of the last step
   std::vector<std::vector<float>> next_attention_;  // the step in progress
+  attention_observer observer_;
+  std::vector<oscar::attention::kv_head_stats> stats_;
 };
 
 }  // namespace oscar_engine

@@ -22,6 +22,10 @@
 #include "oscar/core/macros.hpp"
 #include "oscar/core/numeric.hpp"
 #include "oscar/core/view.hpp"
+#include "oscar/importance/head.hpp"
+#include "oscar/importance/threshold.hpp"
+#include "oscar/importance/token.hpp"
+#include "oscar/policy/policy.hpp"
 
 #include "oscar/quant/codebook.hpp"
 #include "oscar/quant/config.hpp"

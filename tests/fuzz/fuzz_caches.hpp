@@ -2,7 +2,7 @@
 // The caches the import fuzzer feeds, shared with the seed generator so that seeds match them.
 //
 // Two small caches cover every kind of tier: per-token formats with both kinds of per-head
-// params (FP2+: an int8 exponent; fp8: an fp32 scale) and chunk 1, and KIVI (token-axis key
+// params (FP2+ with per-token keys: an int8 exponent; fp8: an fp32 scale) and chunk 1, and KIVI (token-axis key
 // groups) with chunk 32.
 #pragma once
 
@@ -15,7 +15,7 @@
 namespace oscar_fuzz {
 
 using per_token_cache =
-    oscar::cache::kv_cache<oscar::quant::fp2plus, oscar::quant::kv_fp8, oscar::quant::kv_fp16>;
+    oscar::cache::kv_cache<oscar::quant::fp2plus_kh, oscar::quant::kv_fp8, oscar::quant::kv_fp16>;
 using kivi_cache =
     oscar::cache::kv_cache<oscar::quant::kivi2, oscar::quant::kivi4, oscar::quant::kv_fp16>;
 

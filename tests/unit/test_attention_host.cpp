@@ -123,7 +123,7 @@ TEST_CASE("attention host decode: matches a float64 reference for GQA 1, 4 and 8
   const int group = GENERATE(1, 4, 8);
   const int sinks = GENERATE(0, 4);
   const int window = GENERATE(0, 32);
-  const c::cache_config cfg{.layers = 2, .kv_heads = 2, .head_dim = kHeadDim, .block_tokens = 32,
+  const c::cache_config cfg{.layers = 2, .kv_heads = 2, .head_dim = kHeadDim, .block_tokens = 128,
                             .sink_tokens = sinks, .window_tokens = window};
   // Blocks in all three tiers, chosen by position.
   c::kv_cache<> cache(cfg, kBudget, [](const c::block_request& r) {
@@ -167,7 +167,7 @@ TEST_CASE("attention host decode: after fork, evict and compaction", "[attention
 }
 
 TEST_CASE("attention host prefill: causal over the cache plus the chunk", "[attention]") {
-  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = kHeadDim, .block_tokens = 32,
+  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = kHeadDim, .block_tokens = 128,
                             .sink_tokens = 4, .window_tokens = 16};
   c::kv_cache<> cache(cfg, kBudget);
   const c::seq_id id = cache.create();
@@ -217,7 +217,7 @@ TEST_CASE("attention host prefill: causal over the cache plus the chunk", "[atte
 
 TEST_CASE("attention host: bad calls are rejected before any output is written",
           "[attention][errors]") {
-  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = kHeadDim, .block_tokens = 32,
+  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = kHeadDim, .block_tokens = 128,
                             .sink_tokens = 0, .window_tokens = 0};
   c::kv_cache<> cache(cfg, kBudget);
   const c::seq_id full = cache.create(), empty = cache.create();

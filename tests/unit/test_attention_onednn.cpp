@@ -126,7 +126,7 @@ TEMPLATE_LIST_TEST_CASE("attention onednn decode: every format, GQA 1/4/8, every
   isa_paths paths;
   for (const int sinks : {0, 4}) {
     for (const int window : {0, 64}) {
-      const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 64,
+      const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 128,
                                 .sink_tokens = sinks, .window_tokens = window};
       c::kv_cache<TestType, TestType, TestType> cache(cfg, kBudget);
       const c::seq_id a_seq = cache.create(), b_seq = cache.create();
@@ -147,7 +147,7 @@ TEST_CASE("attention onednn decode: blocks of all three tiers, head_dim 128 and 
           "[attention][onednn]") {
   isa_paths paths;
   for (const int d : {128, 256}) {
-    const c::cache_config cfg{.layers = 2, .kv_heads = 2, .head_dim = d, .block_tokens = 64,
+    const c::cache_config cfg{.layers = 2, .kv_heads = 2, .head_dim = d, .block_tokens = 128,
                               .sink_tokens = 4, .window_tokens = 64};
     c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16> cache(cfg, {.full = 1 << 22, .mid = 1 << 22, .low = 1 << 22},
                                                           rotating_tiers());
@@ -170,7 +170,7 @@ TEST_CASE("attention onednn decode: one long sequence split over threads (split-
   // One KV head and 6 threads: the entry's blocks are split into several tasks whose
   // online-softmax partials are combined.
   isa_paths paths;
-  const c::cache_config cfg{.layers = 1, .kv_heads = 1, .head_dim = 64, .block_tokens = 64,
+  const c::cache_config cfg{.layers = 1, .kv_heads = 1, .head_dim = 64, .block_tokens = 128,
                             .sink_tokens = 4, .window_tokens = 600};
   c::kv_cache<q::fp2plus_kc, q::fp4plus, q::kv_fp16> cache(cfg, kBudget, rotating_tiers());
   const c::seq_id id = cache.create();
@@ -185,7 +185,7 @@ TEST_CASE("attention onednn decode: one long sequence split over threads (split-
 }
 
 TEST_CASE("attention onednn decode: after fork, evict and compaction", "[attention][onednn]") {
-  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 64,
+  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 128,
                             .sink_tokens = 4, .window_tokens = 16};
   c::kv_cache<q::fp2plus_kc, q::fp4plus, q::kv_fp16> cache(cfg, kBudget, rotating_tiers());
   const c::seq_id parent = cache.create();
@@ -300,7 +300,7 @@ void check_prefill(const Cache& cache, c::seq_id id, index_t chunk, int q_heads,
 TEST_CASE("attention onednn prefill: f32 and bf16 matmuls against the reference",
           "[attention][onednn]") {
   isa_paths paths;
-  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 64,
+  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 128,
                             .sink_tokens = 4, .window_tokens = 32};
   c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16> cache(cfg, kBudget, rotating_tiers());
   c::kv_cache<q::fp2plus_kc, q::kv_q4_0, q::kv_fp8> other(cfg, kBudget, rotating_tiers());
@@ -326,7 +326,7 @@ TEST_CASE("attention onednn prefill: f32 and bf16 matmuls against the reference"
 
 TEST_CASE("attention onednn: bad calls are rejected before any output is written",
           "[attention][onednn][errors]") {
-  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 64,
+  const c::cache_config cfg{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 128,
                             .sink_tokens = 0, .window_tokens = 0};
   c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16> cache(cfg, kBudget);
   const c::seq_id full = cache.create(), empty = cache.create();

@@ -93,7 +93,7 @@ backends() {
 TEST_CASE("attention skip: block key bounds hold in the engine's space, rotated or not",
           "[attention][skip]") {
   const c::cache_config cfg{.layers = 1, .kv_heads = kHeads, .head_dim = kHeadDim,
-                            .block_tokens = 64, .sink_tokens = 4, .window_tokens = 16};
+                            .block_tokens = 128, .sink_tokens = 4, .window_tokens = 16};
   const auto qs = oscar::testing::gaussian_kv(1, kHeads, kHeadDim, 31, 1.0f);
   const auto check = [&](const auto& cache, c::seq_id id) {
     const auto g = cache.gather(id, 0);
@@ -129,7 +129,7 @@ TEST_CASE("attention skip: threshold 0, or too large to skip anything, changes n
           "[attention][skip]") {
   using cache_type = c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16>;
   const c::cache_config cfg{.layers = 1, .kv_heads = kHeads, .head_dim = kHeadDim,
-                            .block_tokens = 64, .sink_tokens = 4, .window_tokens = 64};
+                            .block_tokens = 128, .sink_tokens = 4, .window_tokens = 64};
   cache_type cache(cfg, kBudget);
   const auto qs = make_queries(41);
   const auto k = make_keys(qs, 600, 68, 388);
@@ -168,13 +168,13 @@ TEST_CASE("attention skip: skipped blocks stay within the documented error bound
           "[attention][skip]") {
   using cache_type = c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16>;
   const c::cache_config cfg{.layers = 1, .kv_heads = kHeads, .head_dim = kHeadDim,
-                            .block_tokens = 64, .sink_tokens = 4, .window_tokens = 64};
+                            .block_tokens = 128, .sink_tokens = 4, .window_tokens = 64};
   cache_type cache(cfg, kBudget, [](const c::block_request& r) {
     return r.block_index == 2 ? c::tier::mid : c::tier::low;  // a rotated FP4+ block too
   });
   const auto qs = make_queries(51);
-  // Blocks hold tokens [4, 4 + 64 n): blocks 1-4 (tokens 68-323) point away from the queries.
-  const auto k = make_keys(qs, 700, 68, 324);
+  // Blocks hold tokens [4, 4 + 128 n): blocks 1-2 (tokens 132-387) point away from the queries.
+  const auto k = make_keys(qs, 700, 132, 388);
   const auto v = oscar::testing::synthetic_values(700, kHeads, kHeadDim, 52);
   const c::seq_id id = cache.create();
   cache.append(id, 0, k.view(), v.view());
@@ -192,14 +192,14 @@ TEST_CASE("attention skip: skipped blocks stay within the documented error bound
              {.q_heads = qh, .want_stats = true, .skip_threshold = tau, .skipped = &report},
              &stats);
       CHECK(report.blocks == static_cast<index_t>(kHeads * cache.blocks(id, 0, 0).size()));
-      CHECK(report.blocks_skipped == 2 * 4);  // the four far blocks of both heads
-      CHECK(report.tokens_skipped == 2 * 4 * 64);
+      CHECK(report.blocks_skipped == 2 * 2);  // the two far blocks of both heads
+      CHECK(report.tokens_skipped == 2 * 2 * 128);
       for (int h = 0; h < kHeads; ++h) {
         // Skipped tokens get no mass; the rest sums to 1.
         const a::kv_head_stats& s = stats[static_cast<std::size_t>(h)];
         double total = 0;
         for (index_t t = 0; t < g[h].tokens; ++t) {
-          if (t >= 68 && t < 324) CHECK(s.token_mass[static_cast<std::size_t>(t)] == 0.0);
+          if (t >= 132 && t < 388) CHECK(s.token_mass[static_cast<std::size_t>(t)] == 0.0);
           total += s.token_mass[static_cast<std::size_t>(t)];
         }
         CHECK(std::abs(total - 1.0) < 1e-6);
@@ -226,11 +226,11 @@ TEST_CASE("attention skip: without sinks and window there is no reference, nothi
           "[attention][skip]") {
   using cache_type = c::kv_cache<q::fp2plus, q::fp4plus, q::kv_fp16>;
   const c::cache_config cfg{.layers = 1, .kv_heads = kHeads, .head_dim = kHeadDim,
-                            .block_tokens = 64, .sink_tokens = 0, .window_tokens = 0};
+                            .block_tokens = 128, .sink_tokens = 0, .window_tokens = 0};
   cache_type cache(cfg, kBudget);
   const auto qs = make_queries(61);
-  const auto k = make_keys(qs, 256, 64, 192);  // exactly four blocks, no window left
-  const auto v = oscar::testing::synthetic_values(256, kHeads, kHeadDim, 62);
+  const auto k = make_keys(qs, 512, 128, 384);  // exactly four blocks, no window left
+  const auto v = oscar::testing::synthetic_values(512, kHeads, kHeadDim, 62);
   const c::seq_id id = cache.create();
   cache.append(id, 0, k.view(), v.view());
   REQUIRE(cache.view(id, 0, 0).window_k.empty());

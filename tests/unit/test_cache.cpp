@@ -868,6 +868,12 @@ c::cache_config small_config(int block_tokens) {
                          .sink_tokens = 2, .window_tokens = 8};
 }
 
+/// The FP2+ family with per-token tiles (`fp2plus_kh`, keys grouped along head_dim): chunk 1, so
+/// 16- and 32-token blocks exercise aging, partial blocks and copy-on-write token by token. The
+/// default cache (`kv_cache<>`, FP2+ keys in 128-token tiles) runs the same properties at 128-
+/// and 256-token blocks.
+using per_token_cache = c::kv_cache<q::fp2plus_kh, q::fp4plus, q::kv_fp16>;
+using default_cache = c::kv_cache<>;
 using kivi_cache = c::kv_cache<q::kivi2, q::kivi4, q::kv_fp16>;
 using fp8_cache = c::kv_cache<q::kv_q4_0, q::kv_fp8, q::kv_bf16>;
 
@@ -916,15 +922,25 @@ TEST_CASE("kv_cache: random operations match the reference model (FP2+/FP4+/fp16
           "[cache]") {
   for (std::uint64_t seed : {11u, 12u, 13u}) {
     // 16-token blocks; pools of 40 blocks per tier: appends sometimes run out.
-    run_random_ops<c::kv_cache<>>(small_config(16), {40, 40, 40}, seed, 700);
+    run_random_ops<per_token_cache>(small_config(16), {40, 40, 40}, seed, 700);
   }
   // 32-token blocks.
-  run_random_ops<c::kv_cache<>>(small_config(32), {24, 24, 24}, 14, 500);
+  run_random_ops<per_token_cache>(small_config(32), {24, 24, 24}, 14, 500);
   // No sinks, no window: every token ages out in the append that brings it.
   auto bare = small_config(16);
   bare.sink_tokens = 0;
   bare.window_tokens = 0;
-  run_random_ops<c::kv_cache<>>(bare, {40, 40, 40}, 15, 300);
+  run_random_ops<per_token_cache>(bare, {40, 40, 40}, 15, 300);
+}
+
+TEST_CASE("kv_cache: random operations match the reference model (default FP2+ cache)",
+          "[cache]") {
+  // FP2+ keys are encoded 128 tokens at a time: one chunk per 128-token block, two per 256.
+  run_random_ops<default_cache>(small_config(128), {10, 10, 10}, 16, 500);
+  auto odd = small_config(256);
+  odd.sink_tokens = 3;
+  odd.window_tokens = 70;  // not a multiple of the chunk
+  run_random_ops<default_cache>(odd, {5, 5, 5}, 18, 400);
 }
 
 TEST_CASE("kv_cache: random operations match the reference model (KIVI-2/KIVI-4/fp16 tiers)",
@@ -954,7 +970,7 @@ TEST_CASE("kv_cache: random operations match the reference model (q4_0/fp8/bf16 
 TEST_CASE("kv_cache: a fork shares blocks; writes on either side never show on the other",
           "[cache]") {
   const auto cfg = small_config(16);  // chunk 1, S = 2, R = 8
-  c::kv_cache<> cache(cfg, mib);
+  per_token_cache cache(cfg, mib);
   const c::seq_id parent = cache.create();
   // 2 sinks + 8 window + 20 aged out: one full block and one block holding 4 of 16.
   fill(cache, parent, 30, 100);
@@ -1056,15 +1072,15 @@ TEST_CASE("kv_cache: block key summaries are the min and max of the block's deco
   const auto cfg = small_config(16);
   const c::tier_policy policy = hashed_tier;
   const c::tier_budget budget = mib;
-  c::kv_cache<> cache(cfg, budget, policy);
-  cache_model<c::kv_cache<>> m(cfg, budget, policy);
+  per_token_cache cache(cfg, budget, policy);
+  cache_model<per_token_cache> m(cfg, budget, policy);
   verified_blocks memo;
   const c::seq_id id = cache.create();
   m.create(id);
   rng r{7};
   for (int step = 0; step < 6; ++step) {
     const auto kf = random_kv(r, 23, 2, 64), vf = random_kv(r, 23, 2, 64);
-    REQUIRE(append_both<c::kv_cache<>, float>(cache, m, id, 0, kf, vf, 23, false));
+    REQUIRE(append_both<per_token_cache, float>(cache, m, id, 0, kf, vf, 23, false));
   }
   check_layer(cache, m, id, 0, memo);
   // Evict every block token but the first of each block: the summaries must not change.
@@ -1199,9 +1215,9 @@ void check_compaction(Cache& cache, c::seq_id id, rng& r) {
 TEST_CASE("kv_cache: compaction keeps every token, packs blocks and puts important chunks first",
           "[cache]") {
   rng r{41};
-  SECTION("FP2+ default, one tier, chunk 1: block tokens come out sorted by importance") {
+  SECTION("FP2+ with per-token keys, one tier, chunk 1: block tokens come out sorted by importance") {
     const auto cfg = small_config(16);
-    c::kv_cache<> cache(cfg, mib);
+    per_token_cache cache(cfg, mib);
     const c::seq_id id = cache.create();
     fill(cache, id, 120, 900);
     // Holes: every third block token.
@@ -1230,8 +1246,17 @@ TEST_CASE("kv_cache: compaction keeps every token, packs blocks and puts importa
     CHECK(cache.blocks(id, 0, 0).size() < n_before);
     check_compaction(cache, id, r);
   }
+  SECTION("default FP2+: 128-token chunks move whole") {
+    default_cache cache(small_config(256), mib, hashed_tier);
+    const c::seq_id id = cache.create();
+    fill(cache, id, 1100, 1100);
+    std::vector<index_t> holes;
+    for (index_t p = 7; p < 1000; p += 5) holes.push_back(p);
+    cache.evict(id, 0, 0, holes);
+    check_compaction(cache, id, r);
+  }
   SECTION("FP2+/FP4+/fp16 tiers") {
-    c::kv_cache<> cache(small_config(16), mib, hashed_tier);
+    per_token_cache cache(small_config(16), mib, hashed_tier);
     const c::seq_id id = cache.create();
     fill(cache, id, 200, 1000);
     std::vector<index_t> holes;
@@ -1261,11 +1286,11 @@ TEST_CASE("kv_cache: compaction keeps every token, packs blocks and puts importa
 TEST_CASE("kv_cache: running out of blocks throws out_of_memory and changes nothing", "[cache]") {
   const auto cfg = c::cache_config{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 16,
                                    .sink_tokens = 2, .window_tokens = 8};
-  const std::size_t bytes = block_bytes<q::fp2plus>(16, 64);
+  const std::size_t bytes = block_bytes<q::fp2plus_kh>(16, 64);
 
   SECTION("append; free another sequence, then the same append succeeds") {
     // Low tier: 3 blocks. A holds 2 (one per head), B has tokens only in sinks and window.
-    c::kv_cache<> cache(cfg, c::tier_budget{.full = 0, .mid = 0, .low = 3 * bytes});
+    per_token_cache cache(cfg, c::tier_budget{.full = 0, .mid = 0, .low = 3 * bytes});
     const c::seq_id a = cache.create(), b = cache.create();
     fill(cache, a, 2 + 8 + 10, 1200);
     fill(cache, b, 2 + 5, 1300);
@@ -1283,14 +1308,14 @@ TEST_CASE("kv_cache: running out of blocks throws out_of_memory and changes noth
     CHECK(cache.tokens(b, 0, 0) == 2 + 5 + 6);
     CHECK(cache.usage().tiers[2].used == 2);
     // The same result as a cache that never failed.
-    c::kv_cache<> fresh(cfg, mib);
+    per_token_cache fresh(cfg, mib);
     const c::seq_id f = fresh.create();
     fill(fresh, f, 2 + 5, 1300);
     fresh.append(f, 0, k.view(), v.view());
     CHECK(same(snapshot(cache, {b}), snapshot(fresh, {f})));
   }
   SECTION("a copy-on-write copy needs a block too") {
-    c::kv_cache<> cache(cfg, c::tier_budget{.full = 0, .mid = 0, .low = 3 * bytes});
+    per_token_cache cache(cfg, c::tier_budget{.full = 0, .mid = 0, .low = 3 * bytes});
     const c::seq_id a = cache.create();
     fill(cache, a, 2 + 8 + 10, 1500);  // 2 partial blocks, 1 free
     const c::seq_id a2 = cache.fork(a);
@@ -1307,7 +1332,7 @@ TEST_CASE("kv_cache: running out of blocks throws out_of_memory and changes noth
     CHECK(cache.usage().tiers[2].used == 2);
   }
   SECTION("compaction that needs new blocks while the pool is full") {
-    c::kv_cache<> cache(cfg, c::tier_budget{.full = 0, .mid = 0, .low = 2 * bytes});
+    per_token_cache cache(cfg, c::tier_budget{.full = 0, .mid = 0, .low = 2 * bytes});
     const c::seq_id a = cache.create();
     fill(cache, a, 2 + 8 + 10, 1700);  // 2 blocks, 0 free
     const c::seq_id a2 = cache.fork(a);  // shared blocks are not rewritten in place
@@ -1325,7 +1350,7 @@ TEST_CASE("kv_cache: running out of blocks throws out_of_memory and changes noth
 
 TEST_CASE("kv_cache: a tier policy choosing a tier without budget runs out of memory", "[cache]") {
   const auto cfg = small_config(16);
-  c::kv_cache<> cache(cfg, c::tier_budget{.full = 0, .mid = 0, .low = 1 << 20},
+  per_token_cache cache(cfg, c::tier_budget{.full = 0, .mid = 0, .low = 1 << 20},
                       [](const c::block_request&) { return c::tier::mid; });
   const c::seq_id id = cache.create();
   fill(cache, id, 10, 1700);  // sinks and window only
@@ -1335,7 +1360,7 @@ TEST_CASE("kv_cache: a tier policy choosing a tier without budget runs out of me
                 {"tier mid", "0 of 0 are free"});
   CHECK(same(snapshot(cache, {id}), before));
 
-  c::kv_cache<> bad(cfg, mib, [](const c::block_request&) { return static_cast<c::tier>(7); });
+  per_token_cache bad(cfg, mib, [](const c::block_request&) { return static_cast<c::tier>(7); });
   const c::seq_id b = bad.create();
   fill(bad, b, 10, 1700);
   require_error([&] { bad.append(b, 0, k.view(), v.view()); }, oscar::errc::invalid_argument,
@@ -1346,7 +1371,7 @@ TEST_CASE("kv_cache: a tier policy choosing a tier without budget runs out of me
 TEST_CASE("kv_cache: bad arguments throw oscar::error naming the value; nothing changes",
           "[cache]") {
   const auto cfg = small_config(16);
-  c::kv_cache<> cache(cfg, mib, hashed_tier);
+  per_token_cache cache(cfg, mib, hashed_tier);
   const c::seq_id a = cache.create(), b = cache.create();
   fill(cache, a, 60, 1900);
   fill(cache, b, 37, 2000);
@@ -1446,7 +1471,7 @@ TEST_CASE("kv_cache: finite inputs beyond fp16's range never become Inf in the c
           "[cache]") {
   const auto cfg = c::cache_config{.layers = 1, .kv_heads = 1, .head_dim = 64, .block_tokens = 16,
                                    .sink_tokens = 1, .window_tokens = 2};
-  c::kv_cache<> cache(cfg, mib);
+  per_token_cache cache(cfg, mib);
   const c::seq_id id = cache.create();
   auto k = oscar::testing::gaussian_kv(40, 1, 64, 2200), v = oscar::testing::gaussian_kv(40, 1, 64, 2201);
   k.data[0] = 7e4f;               // token 0 (a sink)
@@ -1483,7 +1508,7 @@ TEST_CASE("kv_cache: invalid configurations are rejected, naming the value", "[c
   };
   for (int bt : {8, 24, 512, 0, -16}) {
     INFO("block_tokens " << bt);
-    require_error([&] { c::kv_cache<> x(with_blocks(bt)); }, E::invalid_argument,
+    require_error([&] { per_token_cache x(with_blocks(bt)); }, E::invalid_argument,
                   {"config.block_tokens = " + std::to_string(bt), "a power of two from 16 to 256"});
   }
   // KIVI groups 32 tokens: 16-token blocks cannot hold a chunk.
@@ -1493,26 +1518,33 @@ TEST_CASE("kv_cache: invalid configurations are rejected, naming the value", "[c
     kivi_cache ok(with_blocks(32), mib);
     CHECK(ok.chunk_tokens() == 32);
   }
+  // The default FP2+ keys group 128 tokens.
+  require_error([&] { default_cache x(with_blocks(64)); }, E::invalid_argument,
+                {"config.block_tokens = 64", "a multiple of 128"});
+  {
+    default_cache ok(with_blocks(128), mib);
+    CHECK(ok.chunk_tokens() == 128);
+  }
   // Rotated formats (FP2+, FP4+) need a power-of-two head_dim.
   auto cfg96 = small_config(16);
   cfg96.head_dim = 96;
-  require_error([&] { c::kv_cache<> x(cfg96); }, E::invalid_argument, {"head_dim = 96", "rotated"});
+  require_error([&] { per_token_cache x(cfg96); }, E::invalid_argument, {"head_dim = 96", "rotated"});
   {
     c::kv_cache<q::kv_q8_0, q::kv_fp8, q::kv_fp16> unrotated(cfg96, mib);  // multiples of 32 are fine
     CHECK(unrotated.chunk_tokens() == 1);
   }
   auto bad = small_config(16);
   bad.layers = 0;
-  require_error([&] { c::kv_cache<> x(bad); }, E::invalid_argument, {"config.layers = 0"});
+  require_error([&] { per_token_cache x(bad); }, E::invalid_argument, {"config.layers = 0"});
   bad = small_config(16);
   bad.kv_heads = 0;
-  require_error([&] { c::kv_cache<> x(bad); }, E::invalid_argument, {"config.kv_heads = 0"});
+  require_error([&] { per_token_cache x(bad); }, E::invalid_argument, {"config.kv_heads = 0"});
   bad = small_config(16);
   bad.sink_tokens = -1;
-  require_error([&] { c::kv_cache<> x(bad); }, E::invalid_argument, {"config.sink_tokens = -1"});
+  require_error([&] { per_token_cache x(bad); }, E::invalid_argument, {"config.sink_tokens = -1"});
   bad = small_config(16);
   bad.window_tokens = -2;
-  require_error([&] { c::kv_cache<> x(bad); }, E::invalid_argument, {"config.window_tokens = -2"});
+  require_error([&] { per_token_cache x(bad); }, E::invalid_argument, {"config.window_tokens = -2"});
 }
 
 // ================================================================================================
@@ -1523,21 +1555,23 @@ TEST_CASE("kv_cache: bits per element of a long sequence approach the low tier's
   const auto cfg = c::cache_config{.layers = 1, .kv_heads = 2, .head_dim = 64, .block_tokens = 64,
                                    .sink_tokens = 0, .window_tokens = 0};
   SECTION("FP2+") {
-    c::kv_cache<> cache(cfg, mib);
+    auto cfg128 = cfg;
+    cfg128.block_tokens = 128;  // one FP2+ key tile
+    default_cache cache(cfg128, mib);
     const c::seq_id id = cache.create();
-    for (int i = 0; i < 8; ++i) fill(cache, id, 252, 3000 + static_cast<std::uint64_t>(i));
+    for (int i = 0; i < 8; ++i) fill(cache, id, 256, 3000 + static_cast<std::uint64_t>(i));
     const auto u = cache.usage();
     const std::size_t bb = u.tiers[2].block_bytes;
-    CHECK(bb == block_bytes<q::fp2plus>(64, 64));
+    CHECK(bb == block_bytes<q::fp2plus>(128, 64));
     CHECK(bb % 64 == 0);
-    CHECK(8.0 * static_cast<double>(bb) / (2.0 * 64 * 64) ==
-          q::fp2plus::bits_per_element);  // 2.5: no padding at this shape
-    // Key summaries: fp16 min and max per channel per block = 2 * 2 * 64 bytes, +0.25 bits.
+    CHECK(8.0 * static_cast<double>(bb) / (2.0 * 128 * 64) ==
+          q::fp2plus::bits_per_element);  // 2.47: no padding at this shape
+    // Key summaries: fp16 min and max per channel per block = 2 * 2 * 64 bytes, +0.125 bits.
     CHECK(u.tiers[2].summary_bytes == 2 * 2 * 64);
-    const double expected = 8.0 * static_cast<double>(bb + u.tiers[2].summary_bytes) / (2.0 * 64 * 64);
-    CHECK(u.token_heads == 2 * 2016);
+    const double expected = 8.0 * static_cast<double>(bb + u.tiers[2].summary_bytes) / (2.0 * 128 * 64);
+    CHECK(u.token_heads == 2 * 2048);
     CHECK(u.window_bytes == 0);
-    CHECK(u.tiers[2].used == 2 * 32);  // 2016 / 64 = 31.5 blocks per head
+    CHECK(u.tiers[2].used == 2 * 16);  // 2048 / 128 blocks per head: every chunk aged out
     const double bpe = u.bits_per_element(64);
     CHECK(bpe >= expected);
     CHECK(bpe <= expected * 1.02);

@@ -34,9 +34,12 @@ using namespace oscar;
 using namespace oscar::cache;
 using bytes_t = std::vector<std::byte>;
 
-using default_cache = kv_cache<>;  // low fp2plus (fpq_head_params), mid fp4plus, full fp16
+// Chunk 1 (16-token blocks hold many partial chunks): low FP2+ with per-token keys
+// (fpq_head_params for keys and values), mid fp4plus, full fp16.
+using per_token_cache = kv_cache<quant::fp2plus_kh, quant::fp4plus, quant::kv_fp16>;
+using default_cache = kv_cache<>;  // FP2+ keys in 64-token tiles: chunk 64
 using kivi_cache = kv_cache<quant::kivi2, quant::kivi4, quant::kv_fp16>;    // chunk 32
-using fp8_cache = kv_cache<quant::fp2plus, quant::kv_fp8, quant::kv_fp16>;  // e4m3_head_params
+using fp8_cache = kv_cache<quant::fp2plus_kh, quant::kv_fp8, quant::kv_fp16>;  // e4m3_head_params
 
 constexpr std::size_t header_bytes = 108;
 
@@ -64,10 +67,16 @@ constexpr tier_budget roomy{std::size_t{4} << 20, std::size_t{4} << 20, std::siz
 template <class Cache>
 struct setup;
 template <>
-struct setup<default_cache> {
+struct setup<per_token_cache> {
   static cache_config config() { return {2, 2, 64, 16, 4, 8}; }
   static constexpr int tokens = 90;  // enough for several blocks per head in every tier
   static constexpr std::array<int, 6> params{0, 0, 0, 0, 1, 1};  // key/value bytes per tier
+};
+template <>
+struct setup<default_cache> {
+  static cache_config config() { return {2, 2, 64, 128, 4, 70}; }
+  static constexpr int tokens = 600;
+  static constexpr std::array<int, 6> params{0, 0, 0, 0, 0, 1};
 };
 template <>
 struct setup<kivi_cache> {
@@ -309,7 +318,7 @@ void expect_refused(Cache& cache, const bytes_t& bytes, std::span<const seq_id> 
 // ---- round trips ----------------------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("serialize: a round trip restores the sequence exactly", "[cache][serialize]",
-                   default_cache, kivi_cache, fp8_cache) {
+                   per_token_cache, default_cache, kivi_cache, fp8_cache) {
   using S = setup<TestType>;
   TestType cache(S::config(), roomy, mixed_policy);
   const seq_id a = cache.create();
@@ -348,7 +357,7 @@ TEMPLATE_TEST_CASE("serialize: a round trip restores the sequence exactly", "[ca
 }
 
 TEMPLATE_TEST_CASE("serialize: round trips after evict, compact and fork", "[cache][serialize]",
-                   default_cache, kivi_cache, fp8_cache) {
+                   per_token_cache, default_cache, kivi_cache, fp8_cache) {
   using S = setup<TestType>;
   TestType cache(S::config(), roomy, mixed_policy);
   const seq_id a = cache.create();
@@ -385,7 +394,7 @@ TEMPLATE_TEST_CASE("serialize: round trips after evict, compact and fork", "[cac
 }
 
 TEST_CASE("serialize: empty and sinks-only sequences", "[cache][serialize]") {
-  default_cache cache(setup<default_cache>::config(), roomy, mixed_policy);
+  per_token_cache cache(setup<per_token_cache>::config(), roomy, mixed_policy);
   const seq_id empty = cache.create();
   const bytes_t bytes = serialize(cache, empty);
   // 4 entries of appended, n_sinks, n_window, 3 x (no params + flag), fp2plus 2 x 1 byte,
@@ -406,7 +415,7 @@ TEST_CASE("serialize: empty and sinks-only sequences", "[cache][serialize]") {
 }
 
 TEST_CASE("serialize: the header is as documented", "[cache][serialize]") {
-  default_cache cache(setup<default_cache>::config(), roomy, mixed_policy);
+  per_token_cache cache(setup<per_token_cache>::config(), roomy, mixed_policy);
   const seq_id a = cache.create();
   feed(cache, a, 40, 3);
   const bytes_t b = serialize(cache, a);
@@ -442,7 +451,7 @@ TEST_CASE("serialize: the header is as documented", "[cache][serialize]") {
   }
 
   // Payload: the walker accounts for every byte; entry fields match the cache.
-  const auto entries = walk(b, setup<default_cache>::params);
+  const auto entries = walk(b, setup<per_token_cache>::params);
   REQUIRE(entries.size() == 4);
   for (int layer = 0; layer < 2; ++layer) {
     for (int head = 0; head < 2; ++head) {
@@ -476,7 +485,7 @@ TEST_CASE("serialize: the header is as documented", "[cache][serialize]") {
 }
 
 TEST_CASE("serialize: an unknown sequence is an invalid argument", "[cache][serialize]") {
-  default_cache cache(setup<default_cache>::config(), roomy, mixed_policy);
+  per_token_cache cache(setup<per_token_cache>::config(), roomy, mixed_policy);
   const auto e = thrown_by([&] { (void)serialize(cache, seq_id{42}); });
   REQUIRE(e.has_value());
   CHECK(e->code() == errc::invalid_argument);
@@ -489,7 +498,7 @@ namespace {
 /// A small cache holding two sequences, and the bytes of a small one with blocks in every tier.
 struct small_fixture {
   static cache_config config() { return {1, 2, 64, 16, 2, 4}; }
-  default_cache cache{config(), roomy, mixed_policy};
+  per_token_cache cache{config(), roomy, mixed_policy};
   seq_id a = cache.create();
   seq_id other = cache.create();
   bytes_t bytes;
@@ -510,7 +519,7 @@ struct small_fixture {
 /// the bulk (fp16 rows and block bytes).
 std::vector<std::pair<std::size_t, int>> flip_bits(const bytes_t& b, std::size_t stride) {
   std::vector<bool> bulk(b.size(), false);
-  for (const entry_at& e : walk(b, setup<default_cache>::params)) {
+  for (const entry_at& e : walk(b, setup<per_token_cache>::params)) {
     for (std::size_t i = e.sink_k; i < e.key_params[0]; ++i) bulk[i] = true;
     for (const block_at& x : e.blocks)
       for (std::size_t i = x.bytes; i < x.bytes + x.block_bytes; ++i) bulk[i] = true;
@@ -624,7 +633,7 @@ TEST_CASE("deserialize: semantic corruption behind a valid checksum is refused",
           "[cache][serialize]") {
   small_fixture fx;
   const auto cfg = small_fixture::config();
-  const auto layout = walk(fx.bytes, setup<default_cache>::params);
+  const auto layout = walk(fx.bytes, setup<per_token_cache>::params);
   const entry_at& e0 = layout[0];
   const entry_at& e1 = layout[1];
   REQUIRE(e0.blocks.size() >= 2);
@@ -795,12 +804,12 @@ TEST_CASE("deserialize: corrupt fp8 scales are refused", "[cache][serialize]") {
 }
 
 TEST_CASE("deserialize: an uncalibrated tier must keep default params", "[cache][serialize]") {
-  default_cache cache(setup<default_cache>::config(), roomy, mixed_policy);
+  per_token_cache cache(setup<per_token_cache>::config(), roomy, mixed_policy);
   const seq_id a = cache.create();
   feed(cache, a, 6, 1);  // sinks and window only: no tier calibrated
   const std::vector<seq_id> seqs{a};
   bytes_t b = serialize(cache, a);
-  const auto layout = walk(b, setup<default_cache>::params);
+  const auto layout = walk(b, setup<per_token_cache>::params);
   REQUIRE(b[layout[0].calibrated[2]] == std::byte{0});
   b[layout[0].key_params[2]] = std::byte{3};
   reseal(b);
@@ -809,8 +818,8 @@ TEST_CASE("deserialize: an uncalibrated tier must keep default params", "[cache]
 }
 
 TEST_CASE("deserialize: a cache of another config or formats is named", "[cache][serialize]") {
-  const cache_config base = setup<default_cache>::config();
-  default_cache source(base, roomy, mixed_policy);
+  const cache_config base = setup<per_token_cache>::config();
+  per_token_cache source(base, roomy, mixed_policy);
   const seq_id a = source.create();
   feed(source, a, 50, 9);
   const bytes_t bytes = serialize(source, a);
@@ -827,31 +836,31 @@ TEST_CASE("deserialize: a cache of another config or formats is named", "[cache]
     return c;
   };
   {
-    default_cache t(with([](cache_config& c) { c.head_dim = 128; }), roomy, mixed_policy);
+    per_token_cache t(with([](cache_config& c) { c.head_dim = 128; }), roomy, mixed_policy);
     refused_by(t, "head_dim = 64 is not allowed (expected 128");
   }
   {
-    default_cache t(with([](cache_config& c) { c.block_tokens = 32; }), roomy, mixed_policy);
+    per_token_cache t(with([](cache_config& c) { c.block_tokens = 32; }), roomy, mixed_policy);
     refused_by(t, "block_tokens = 16 is not allowed (expected 32");
   }
   {
-    default_cache t(with([](cache_config& c) { c.layers = 3; }), roomy, mixed_policy);
+    per_token_cache t(with([](cache_config& c) { c.layers = 3; }), roomy, mixed_policy);
     refused_by(t, "layers = 2 is not allowed (expected 3");
   }
   {
-    default_cache t(with([](cache_config& c) { c.kv_heads = 1; }), roomy, mixed_policy);
+    per_token_cache t(with([](cache_config& c) { c.kv_heads = 1; }), roomy, mixed_policy);
     refused_by(t, "kv_heads = 2 is not allowed (expected 1");
   }
   {
-    default_cache t(with([](cache_config& c) { c.sink_tokens = 0; }), roomy, mixed_policy);
+    per_token_cache t(with([](cache_config& c) { c.sink_tokens = 0; }), roomy, mixed_policy);
     refused_by(t, "sink_tokens = 4 is not allowed (expected 0");
   }
   {
-    default_cache t(with([](cache_config& c) { c.window_tokens = 64; }), roomy, mixed_policy);
+    per_token_cache t(with([](cache_config& c) { c.window_tokens = 64; }), roomy, mixed_policy);
     refused_by(t, "window_tokens = 8 is not allowed (expected 64");
   }
   {
-    kv_cache<quant::fp2plus, quant::fp4plus, quant::kv_bf16> t(base, roomy, mixed_policy);
+    kv_cache<quant::fp2plus_kh, quant::fp4plus, quant::kv_bf16> t(base, roomy, mixed_policy);
     refused_by(t, "format id of tier full");
   }
   {
@@ -866,8 +875,8 @@ TEST_CASE("deserialize: a cache of another config or formats is named", "[cache]
 
 TEST_CASE("deserialize: a pool without room is out_of_memory and changes nothing",
           "[cache][serialize]") {
-  const cache_config c = setup<default_cache>::config();
-  default_cache source(c, roomy, mixed_policy);
+  const cache_config c = setup<per_token_cache>::config();
+  per_token_cache source(c, roomy, mixed_policy);
   const seq_id a = source.create();
   feed(source, a, 60, 3);
   const bytes_t bytes = serialize(source, a);
@@ -875,9 +884,9 @@ TEST_CASE("deserialize: a pool without room is out_of_memory and changes nothing
   REQUIRE(need[1] >= 2);
 
   // Room for all tiers but mid, which has one block too few (the target's own sequence is low).
-  default_cache probe(c, roomy, mixed_policy);
+  per_token_cache probe(c, roomy, mixed_policy);
   const std::size_t mid_block = std::as_const(probe).pool(tier::mid).block_bytes();
-  default_cache target(c, tier_budget{roomy.full, mid_block * (need[1] - 1), roomy.low},
+  per_token_cache target(c, tier_budget{roomy.full, mid_block * (need[1] - 1), roomy.low},
                        [](const block_request&) { return tier::low; });
   const seq_id mine = target.create();
   feed(target, mine, 40, 1);
@@ -885,7 +894,7 @@ TEST_CASE("deserialize: a pool without room is out_of_memory and changes nothing
   expect_refused(target, bytes, seqs, "new blocks of tier mid", errc::out_of_memory);
 
   // With the room, the same bytes import.
-  default_cache roomier(c, tier_budget{roomy.full, mid_block * need[1], roomy.low}, mixed_policy);
+  per_token_cache roomier(c, tier_budget{roomy.full, mid_block * need[1], roomy.low}, mixed_policy);
   const seq_id b = deserialize(roomier, bytes);
   require_same_sequence(source, a, roomier, b);
   // Now full: a second import is refused.

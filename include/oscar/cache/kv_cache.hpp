@@ -216,6 +216,7 @@ class kv_cache {
     for (int h = 0; h < config_.kv_heads; ++h) {
       const entry& e = seq.entries[entry_index(layer, h)];
       head_plan& p = plans[static_cast<std::size_t>(h)];
+      if (e.pruned) continue;  // only its running mean of V changes
       const index_t sink_room = std::max<index_t>(0, config_.sink_tokens - e.appended);
       p.to_sinks = std::min(sink_room, k.tokens);
       const index_t window = window_size(e) + k.tokens - p.to_sinks;
@@ -250,6 +251,11 @@ class kv_cache {
     for (int h = 0; h < config_.kv_heads; ++h) {
       entry& e = seq.entries[entry_index(layer, h)];
       const head_plan& p = plans[static_cast<std::size_t>(h)];
+      if (e.pruned) {
+        for (index_t t = 0; t < k.tokens; ++t) add_to_mean(e, v.row(t, h));
+        e.appended += k.tokens;
+        continue;
+      }
       for (index_t t = 0; t < k.tokens; ++t) {
         auto& dst_k = t < p.to_sinks ? e.sink_k : e.window_k;
         auto& dst_v = t < p.to_sinks ? e.sink_v : e.window_v;
@@ -295,6 +301,7 @@ class kv_cache {
   /// their block's valid mask, and blocks with no valid token left return to the pool.
   void evict(seq_id id, int layer, int head, std::span<const index_t> positions) {
     entry& e = find_entry(id, layer, head);
+    check_not_pruned(e, id, layer, head, "evict");
     const index_t total = entry_tokens(e);
     std::vector<index_t> sorted(positions.begin(), positions.end());
     std::sort(sorted.begin(), sorted.end());
@@ -340,8 +347,11 @@ class kv_cache {
   /// importance, highest first (stable), and packed into the fewest blocks of that tier; the
   /// table then lists the full tier's blocks, then mid, then low. Sinks and window do not
   /// move. Codes are copied, never re-quantized, so every token decodes exactly as before.
-  void compact(seq_id id, int layer, int head, std::span<const float> importance) {
+  /// Returns the new entry order: element `i` is the position token `i` had before, so scores
+  /// kept in entry order follow with `new_scores[i] = old_scores[result[i]]`.
+  std::vector<index_t> compact(seq_id id, int layer, int head, std::span<const float> importance) {
     entry& e = find_entry(id, layer, head);
+    check_not_pruned(e, id, layer, head, "compact");
     OSCAR_CHECK_ARG(static_cast<index_t>(importance.size()) == entry_tokens(e), importance.size(),
                     oscar::detail::concat("one importance per token of the head (",
                                           entry_tokens(e), ")"));
@@ -355,6 +365,7 @@ class kv_cache {
       int index;  // chunk index inside the block
       double weight;
       std::bitset<max_block_tokens> valid;  // bits of this chunk, shifted to slot 0
+      index_t first = 0;                    // entry position of its first valid token
     };
     std::array<std::vector<chunk_ref>, tier_count> chunks;
     index_t pos = rows(e.sink_k);
@@ -362,7 +373,7 @@ class kv_cache {
       const block_slot& slot = e.slots[s];
       const int fill = pool(slot.level).fill(slot.id);
       for (int c = 0; c < fill / chunk_; ++c) {
-        chunk_ref ref{s, c, 0.0, {}};
+        chunk_ref ref{s, c, 0.0, {}, pos};
         for (int t = 0; t < chunk_; ++t) {
           if (!slot.valid.test(static_cast<std::size_t>(c * chunk_ + t))) continue;
           ref.valid.set(static_cast<std::size_t>(t));
@@ -434,6 +445,99 @@ class kv_cache {
     });
     for (const block_slot& s : e.slots) pool_mut(s.level).release(s.id);
     e.slots = std::move(slots);
+
+    std::vector<index_t> order;
+    order.reserve(importance.size());
+    const index_t sinks = rows(e.sink_k);
+    for (index_t i = 0; i < sinks; ++i) order.push_back(i);
+    for (int t = 0; t < tier_count; ++t) {
+      for (const chunk_ref& r : chunks[t]) {
+        const auto count = static_cast<index_t>(r.valid.count());
+        for (index_t i = 0; i < count; ++i) order.push_back(r.first + i);
+      }
+    }
+    for (auto i = static_cast<index_t>(order.size()); i < static_cast<index_t>(importance.size()); ++i)
+      order.push_back(i);
+    return order;
+  }
+
+  /// Re-encodes block `slot` (index into `blocks(seq, layer, head)`) of (seq, layer, head) in
+  /// tier `target`: its tokens are decoded and encoded again, chunk by chunk, into a new block
+  /// of that tier, which takes the old one's place in the table (same fill, same valid mask,
+  /// so entry order does not change); the old block is released. Moving to a coarser tier
+  /// costs what that tier's format loses; moving to a finer one cannot restore what was lost.
+  /// A tier's per-head metadata not yet calibrated is calibrated on this block's decoded
+  /// tokens. Retiering a block to its own tier does nothing. Throws `out_of_memory` (changing
+  /// nothing) when the target pool is full.
+  void retier(seq_id id, int layer, int head, std::size_t slot, tier target) {
+    entry& e = find_entry(id, layer, head);
+    OSCAR_CHECK_ARG(slot < e.slots.size(), slot,
+                    oscar::detail::concat("a block index below ", e.slots.size(),
+                                          ", the blocks of this head"));
+    OSCAR_CHECK_ARG(static_cast<unsigned>(target) < unsigned{tier_count}, static_cast<int>(target),
+                    "a tier: full (0), mid (1) or low (2)");
+    block_slot& s = e.slots[slot];
+    if (s.level == target) return;
+    std::array<std::size_t, tier_count> needed{};
+    needed[static_cast<int>(target)] = 1;
+    check_free(needed, "retier");
+    std::vector<float> k, v, scratch;
+    decode_block(s, e, k, v);
+    const int fill = pool(s.level).fill(s.id);
+    const block_id fresh = pool_mut(target).allocate();
+    switch (target) {
+      case tier::full: encode_block_in<0>(e, fresh, fill, k, v, scratch); break;
+      case tier::mid: encode_block_in<1>(e, fresh, fill, k, v, scratch); break;
+      case tier::low: encode_block_in<2>(e, fresh, fill, k, v, scratch); break;
+    }
+    pool_mut(s.level).release(s.id);
+    s.level = target;
+    s.id = fresh;
+  }
+
+  // ---- pruned heads --------------------------------------------------------------------------
+
+  /// Prunes (seq, layer, head), as zeroed query and key weights do: attention over the head is
+  /// then uniform, so its output is the mean of its values. The head keeps only that mean,
+  /// O(1) memory: its blocks return to their pools, sinks and window are dropped, and from now
+  /// on it holds exactly one token, key 0 and value the running mean of every value it held
+  /// (decoded) plus every value appended later (kept in float64, published in the window's
+  /// type). Any attention backend therefore returns the mean for it, with no special case.
+  /// `evict` and `compact` refuse a pruned head; `serialize` refuses a sequence with one.
+  /// Pruning a pruned head does nothing.
+  void prune(seq_id id, int layer, int head) {
+    entry& e = find_entry(id, layer, head);
+    if (e.pruned) return;
+    const int d = config_.head_dim;
+    e.value_sum.assign(static_cast<std::size_t>(d), 0.0);
+    e.value_count = 0;
+    const auto add_rows = [&](const float* v, index_t n) {
+      for (index_t t = 0; t < n; ++t, ++e.value_count)
+        for (int c = 0; c < d; ++c) e.value_sum[c] += v[t * d + c];
+    };
+    std::vector<float> rows_k, rows_v;
+    to_floats(e.sink_v, rows_v);
+    add_rows(rows_v.data(), rows(e.sink_v));
+    for (const block_slot& s : e.slots) {
+      decode_block(s, e, rows_k, rows_v);
+      for (int t = 0; t < pool(s.level).fill(s.id); ++t) {
+        if (s.valid.test(static_cast<std::size_t>(t))) add_rows(rows_v.data() + t * d, 1);
+      }
+      pool_mut(s.level).release(s.id);
+    }
+    to_floats(e.window_v, rows_v);
+    add_rows(rows_v.data(), rows(e.window_v));
+    e.slots.clear();
+    e.window_k.clear();
+    e.window_v.clear();
+    e.sink_k.assign(static_cast<std::size_t>(d), window_type(0.0f));
+    e.pruned = true;
+    publish_mean(e);
+  }
+
+  /// Whether (seq, layer, head) was pruned.
+  [[nodiscard]] bool pruned(seq_id id, int layer, int head) const {
+    return find_entry(id, layer, head).pruned;
   }
 
   // ---- reading ---------------------------------------------------------------------------
@@ -532,6 +636,9 @@ class kv_cache {
 
   struct entry {
     index_t appended = 0;                  ///< tokens ever appended
+    bool pruned = false;                   ///< see `prune`: one token, k = 0, v = the mean
+    std::vector<double> value_sum;         ///< pruned: sum of the values in the mean
+    index_t value_count = 0;               ///< pruned: how many values the mean holds
     std::vector<window_type> sink_k, sink_v;      ///< [sinks, head_dim]
     std::vector<window_type> window_k, window_v;  ///< [window, head_dim], oldest first
     std::vector<block_slot> slots;
@@ -664,6 +771,63 @@ class kv_cache {
   void release_all(sequence& seq) noexcept {
     for (entry& e : seq.entries)
       for (block_slot& s : e.slots) pool_mut(s.level).release(s.id);
+  }
+
+  void check_not_pruned(const entry& e, seq_id id, int layer, int head, const char* what) const {
+    OSCAR_CHECK(!e.pruned, errc::invalid_argument, what, " of sequence ", id, " layer ", layer,
+                " KV head ", head, " is not allowed (allowed: a head that was not pruned; a pruned "
+                "head holds only the running mean of its values)");
+  }
+
+  /// Adds one value row to a pruned head's running mean.
+  template <class T>
+  void add_to_mean(entry& e, const T* row) {
+    for (int c = 0; c < config_.head_dim; ++c) e.value_sum[c] += static_cast<float>(row[c]);
+    ++e.value_count;
+    publish_mean(e);
+  }
+
+  /// Writes a pruned head's mean into its one value row, in the window's type.
+  void publish_mean(entry& e) const {
+    const int d = config_.head_dim;
+    e.sink_v.resize(static_cast<std::size_t>(d));
+    for (int c = 0; c < d; ++c) {
+      const double mean = e.value_count > 0 ? e.value_sum[c] / static_cast<double>(e.value_count) : 0.0;
+      if constexpr (std::is_same_v<window_type, float>) e.sink_v[c] = static_cast<float>(mean);
+      else e.sink_v[c] = half(quant::clamp_finite(static_cast<float>(mean), 65504.0f));
+    }
+  }
+
+  /// Encodes `fill` decoded tokens (`k`, `v`: [fill, head_dim]) into the empty block `id` of
+  /// tier I, calibrating the tier's per-head metadata on them if it is not yet calibrated.
+  template <int I>
+  void encode_block_in(entry& e, block_id id, int fill, const std::vector<float>& k,
+                       const std::vector<float>& v, std::vector<float>& scratch) {
+    using KV = tier_format<I>;
+    using K = quant::format_traits<typename KV::key>;
+    using V = quant::format_traits<typename KV::value>;
+    const int d = config_.head_dim;
+    const detail::tier_layout& lay = layouts_[I];
+    auto& params = std::get<I>(e.params);
+    if (!params.calibrated) {
+      params.key = K::calibrate(k.data(), fill, d);
+      params.value = V::calibrate(v.data(), fill, d);
+      params.calibrated = true;
+    }
+    std::byte* block = pool_mut(static_cast<tier>(I)).data(id);
+    for (int t = 0; t < fill; t += lay.key_tile_tokens) {
+      K::encode_tile(k.data() + static_cast<std::size_t>(t) * d, d, params.key,
+                     reinterpret_cast<typename K::block*>(block + (t / lay.key_tile_tokens) *
+                                                                      lay.key_tile_bytes));
+    }
+    for (int t = 0; t < fill; t += lay.value_tile_tokens) {
+      V::encode_tile(v.data() + static_cast<std::size_t>(t) * d, d, params.value,
+                     reinterpret_cast<typename V::block*>(block + lay.key_bytes +
+                                                          (t / lay.value_tile_tokens) *
+                                                              lay.value_tile_bytes));
+    }
+    pool_mut(static_cast<tier>(I)).set_fill(id, fill);
+    update_summary<I>(id, e, 0, fill, scratch);
   }
 
   void copy_on_write(block_slot& slot) {

@@ -348,6 +348,11 @@ struct serializer {
     const auto& seq = cache.find(id);
     const cache_config& c = cache.config();
     const std::size_t d = static_cast<std::size_t>(c.head_dim);
+    for (const auto& e : seq.entries) {
+      OSCAR_CHECK(!e.pruned, errc::unsupported, "serialize of sequence ", id,
+                  " with a pruned head is not allowed (allowed: sequences without pruned heads; "
+                  "the page format has no field for a head's running mean)");
+    }
 
     // Exact size first; the zero-initialized buffer already holds every unused block byte.
     std::size_t total = serial_header_bytes;

@@ -1,0 +1,282 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file
+/// GPU decode attention over a device cache (`gpu::paged_kv`): `oscar::attention::decode` with
+/// the `backend::cuda` or `backend::hip` tag. One query token per sequence, a batch of
+/// sequences of one layer, grouped-query attention, one softmax over sinks, blocks and window,
+/// the same function as the host reference `attention::decode(backend::host{}, ...)`.
+///
+///     oscar::gpu::decode_workspace ws;
+///     oscar::attention::decode(oscar::backend::cuda{}, cache, layer, slots, q, out,
+///                              {.q_heads = 32}, ws, stream);
+///
+/// `q` and `out` are device arrays `[batch][q_heads][head_dim]` of float. Everything is queued
+/// on `stream`; nothing waits, except that the workspace grows (a device allocation) the first
+/// time a call needs more scratch than it holds.
+///
+/// Kernels: for the mma layout (FP2+ with per-channel keys, head_dim 64/128) on sm_80+, the
+/// tensor-core kernel (decode_mma.cuh; groups of more than 8 query heads read each record once
+/// per 8 heads); otherwise the generic kernel (decode_generic.cuh), which also serves HIP. Both split each (sequence, KV head) into
+/// enough work items to fill the device, then `combine_kernel` merges them.
+#pragma once
+
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <map>
+#include <mutex>
+#include <span>
+#include <tuple>
+#include <type_traits>
+
+#include "oscar/attention/host.hpp"  // detail::check_common: the same argument checks
+#include "oscar/attention/types.hpp"
+#include "oscar/backend/gpu/decode_common.cuh"
+#include "oscar/backend/gpu/decode_generic.cuh"
+#include "oscar/backend/gpu/paged_kv.cuh"
+#include "oscar/backend/tags.hpp"
+#include "oscar/core/error.hpp"
+#if defined(OSCAR_GPU_RUNTIME_CUDA)
+#include "oscar/backend/gpu/decode_mma.cuh"
+#endif
+
+namespace oscar::gpu {
+
+/// Which kernel a decode call runs.
+enum class decode_kernel { automatic, generic, tensor_core };
+
+/// Tuning knobs of a decode call (defaults are what production uses).
+struct decode_config {
+  decode_kernel kernel = decode_kernel::automatic;
+  int splits = 0;  ///< work items per (sequence, KV head) for the blocks; 0 = fill the device
+  /// Tensor-core kernel: compute the key products with q * scale in fp16 alone (logits to
+  /// about 11 bits; fewer tensor-core operations) instead of the hi + lo split (about 22 bits).
+  bool fp16_logits = false;
+};
+
+/// Device scratch of decode calls (partial results), reused across calls; grows on demand.
+/// One workspace per stream: calls that share it must be ordered.
+class decode_workspace {
+ public:
+  /// Makes room for `o_floats` + `ml_floats` floats (a device allocation when it grows).
+  void reserve(std::size_t o_floats, std::size_t ml_floats) {
+    if (o_.size() < o_floats) o_ = device_buffer<float>(o_floats);
+    if (ml_.size() < ml_floats) ml_ = device_buffer<float>(ml_floats);
+  }
+  [[nodiscard]] float* o() const noexcept { return o_.data(); }
+  [[nodiscard]] float* ml() const noexcept { return ml_.data(); }
+  /// The current device, read once.
+  const device_properties& device() {
+    if (!have_device_) {
+      device_ = current_device();
+      have_device_ = true;
+    }
+    return device_;
+  }
+  /// What the last call ran (for tests and benchmarks).
+  decode_kernel last_kernel = decode_kernel::automatic;
+  int last_splits = 0;
+  int last_partials = 0;
+
+ private:
+  device_buffer<float> o_, ml_;
+  device_properties device_;
+  bool have_device_ = false;
+};
+
+namespace detail {
+
+/// Blocks of `kernel` (with `threads` threads and `smem` bytes of dynamic shared memory) one
+/// multiprocessor holds at once; asked once per kernel and size.
+template <class Kernel>
+int resident_blocks(Kernel kernel, int threads, std::size_t smem) {
+  static std::mutex lock;
+  static std::map<std::tuple<const void*, int, std::size_t>, int> known;
+  const std::lock_guard<std::mutex> guard(lock);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  int blocks = 0;
+#if defined(OSCAR_GPU_RUNTIME_HIP)
+  check(hipOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem),
+        "hipOccupancyMaxActiveBlocksPerMultiprocessor");
+#else
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+#endif
+  blocks = std::max(blocks, 1);
+  known.emplace(key, blocks);
+  return blocks;
+}
+
+/// Most work items per entry (bounds the combine kernel's shared memory).
+inline constexpr int max_splits = 256;
+
+/// Work items per entry for the blocks: enough to fill the device once (the short window items
+/// run first and are not counted), at most one per `min_work` units of the longest entry.
+inline int choose_splits(int resident, int entries, int longest, int min_work) {
+  const int fill = std::max(1, resident / std::max(1, entries));
+  const int useful = std::max(1, (longest + min_work - 1) / min_work);
+  return std::min({fill, useful, max_splits});
+}
+
+template <class KV>
+void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> seqs,
+                 const float* q, float* out, const attention::options& opt,
+                 decode_workspace& ws, stream_t stream, const decode_config& cfg) {
+  const cache::cache_config& cc = cache.config();
+  const float scale = attention::detail::check_common(cache, layer, opt);  // as the host's
+  OSCAR_CHECK(!opt.want_stats, errc::unsupported,
+              "want_stats = true is not supported by the GPU decode yet (allowed: false)");
+  const auto batch = static_cast<int>(seqs.size());
+  OSCAR_CHECK_ARG(batch >= 1 && batch <= max_decode_batch, batch,
+                  oscar::detail::concat("1 to ", max_decode_batch, " sequences per call"));
+  OSCAR_CHECK(q != nullptr && out != nullptr, errc::invalid_argument,
+              "q and out must be device arrays [batch][q_heads][head_dim] (allowed: non-null)");
+  const int H = cc.kv_heads, d = cc.head_dim, G = opt.q_heads / H;
+  const int bt = cc.block_tokens;
+  int longest = 0;  // tokens in blocks of the longest entry
+  for (int b = 0; b < batch; ++b) {
+    cache.check_slot(seqs[static_cast<std::size_t>(b)]);
+    for (int h = 0; h < H; ++h) {
+      OSCAR_CHECK(cache.tokens(seqs[static_cast<std::size_t>(b)], layer, h) > 0,
+                  errc::invalid_argument, "slot ", seqs[static_cast<std::size_t>(b)],
+                  " has no tokens in layer ", layer, " KV head ", h,
+                  " (allowed: decode over at least one cached token)");
+      longest = std::max<int>(longest, static_cast<int>(
+                                           cache.block_tokens_held(seqs[static_cast<std::size_t>(b)], layer, h)));
+    }
+  }
+
+  decode_params<KV> prm;
+  prm.cache = cache.view();
+  prm.layer = layer;
+  prm.q = q;
+  prm.batch = batch;
+  prm.q_heads = opt.q_heads;
+  prm.group = G;
+  prm.scale_log2 = scale * log2e;
+  for (int b = 0; b < batch; ++b) prm.slots[b] = seqs[static_cast<std::size_t>(b)];
+
+  const device_properties& dev = ws.device();
+  bool tensor_cores = false;
+#if defined(OSCAR_GPU_RUNTIME_CUDA)
+  tensor_cores =
+      has_mma_layout_v<KV> && cache.layout() == block_layout::mma && dev.major >= 8;
+#endif
+  if (cfg.kernel == decode_kernel::generic) tensor_cores = false;
+  OSCAR_CHECK(cfg.kernel != decode_kernel::tensor_core || tensor_cores, errc::unsupported,
+              "the tensor-core decode kernel needs a CUDA device of compute capability 8.0 or "
+              "newer, a cache in the mma layout (FP2+ with per-channel keys, head_dim 64 or 128) "
+              "and at most 8 query heads per KV head");
+  OSCAR_CHECK(tensor_cores || cache.layout() == block_layout::native, errc::unsupported,
+              "a cache in the mma layout needs the tensor-core kernel (CUDA, sm_80+); create the "
+              "cache with paged_kv_options::native_layout for other devices");
+
+  const int threads = 128;
+  std::size_t smem = 0;
+  OSCAR_CHECK_ARG(cfg.splits >= 0 && cfg.splits <= max_splits, cfg.splits,
+                  oscar::detail::concat("0 (automatic) to ", max_splits));
+  int splits = cfg.splits;
+  if (tensor_cores) {
+#if defined(OSCAR_GPU_RUNTIME_CUDA)
+    if constexpr (has_mma_layout_v<KV>) {
+      auto pick = [&](auto exact) {
+        constexpr bool e = decltype(exact)::value;
+        return d == 64 ? decode_mma_kernel<KV, 64, e> : decode_mma_kernel<KV, 128, e>;
+      };
+      auto kernel = cfg.fp16_logits ? pick(std::false_type{}) : pick(std::true_type{});
+      smem = mma_shared_bytes(d, G);
+      allow_dynamic_shared(kernel, smem);
+      prm.query_tiles = (G + 7) / 8;
+      if (splits <= 0) {
+        splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors,
+                               batch * H * prm.query_tiles, longest / mma::record_tokens,
+                               2 * mma_warps);
+      }
+      prm.splits = splits;
+      prm.window_items = window_items(prm.cache);
+      prm.partials = splits + prm.window_items;
+      prm.window_partial = splits;
+      ws.reserve(static_cast<std::size_t>(batch) * H * prm.partials * G * d,
+                 static_cast<std::size_t>(batch) * H * prm.partials * G * 2);
+      prm.part_o = ws.o();
+      prm.part_ml = ws.ml();
+      kernel<<<dim3(static_cast<unsigned>(batch * H * prm.query_tiles),
+                    static_cast<unsigned>(prm.window_items + splits)),
+               threads, smem, stream>>>(prm);
+      check_launch("decode_mma_kernel");
+    }
+#endif
+  } else {
+    const int unit = generic_unit_tokens(cache.chunk_tokens(), bt);
+    smem = generic_shared_bytes(unit, G, d);
+    auto kernel = decode_generic_kernel<KV>;
+    allow_dynamic_shared(kernel, smem);
+    if (splits <= 0) {
+      splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors,
+                             batch * H, (longest + unit - 1) / unit, 2);
+    }
+    prm.splits = splits;
+    prm.window_items = window_items(prm.cache);
+    prm.partials = splits + prm.window_items;
+    prm.window_partial = splits;
+    ws.reserve(static_cast<std::size_t>(batch) * H * prm.partials * G * d,
+               static_cast<std::size_t>(batch) * H * prm.partials * G * 2);
+    prm.part_o = ws.o();
+    prm.part_ml = ws.ml();
+    native_offsets lay{};
+    lay.key_tile_tokens = quant::tokens_per_tile<typename KV::key>();
+    lay.value_tile_tokens = quant::tokens_per_tile<typename KV::value>();
+    lay.key_tile_bytes = static_cast<std::size_t>(quant::blocks_per_tile<typename KV::key>(d)) *
+                         sizeof(typename quant::format_traits<typename KV::key>::block);
+    lay.value_tile_bytes =
+        static_cast<std::size_t>(quant::blocks_per_tile<typename KV::value>(d)) *
+        sizeof(typename quant::format_traits<typename KV::value>::block);
+    lay.key_bytes = lay.key_tile_bytes * (bt / lay.key_tile_tokens);
+    kernel<<<dim3(static_cast<unsigned>(batch * H), static_cast<unsigned>(prm.window_items + splits)),
+             threads, smem, stream>>>(prm, lay, unit);
+    check_launch("decode_generic_kernel");
+  }
+  ws.last_kernel = tensor_cores ? decode_kernel::tensor_core : decode_kernel::generic;
+  ws.last_splits = splits;
+  ws.last_partials = prm.partials;
+
+  // The tensor-core kernel leaves the blocks' values in the format's rotated space; the
+  // generic kernel decodes whole tiles (rotation undone).
+  const bool unrotate = tensor_cores && quant::format_traits<typename KV::value>::rotated;
+  const std::size_t combine_smem = combine_shared_bytes(d, prm.partials);
+  allow_dynamic_shared(combine_kernel<KV>, combine_smem);
+  combine_kernel<KV><<<dim3(static_cast<unsigned>(G), static_cast<unsigned>(H),
+                            static_cast<unsigned>(batch)),
+                       std::min(threads, std::max(d, warp_size)), combine_smem, stream>>>(prm, unrotate, out);
+  check_launch("combine_kernel");
+}
+
+}  // namespace detail
+}  // namespace oscar::gpu
+
+namespace oscar::attention {
+
+#if defined(OSCAR_GPU_RUNTIME_CUDA)
+/// Decode attention on an NVIDIA GPU; see the file comment. Throws `oscar::error` on bad
+/// arguments before queuing anything.
+template <class KV>
+void decode(backend::cuda, const gpu::paged_kv<KV>& cache, int layer,
+            std::span<const gpu::slot_id> seqs, const float* q, float* out, const options& opt,
+            gpu::decode_workspace& ws, gpu::stream_t stream, const gpu::decode_config& cfg = {}) {
+  gpu::detail::decode_impl(cache, layer, seqs, q, out, opt, ws, stream, cfg);
+}
+#endif
+
+#if defined(OSCAR_GPU_RUNTIME_HIP)
+/// Decode attention on an AMD GPU (the generic kernel); see the file comment.
+template <class KV>
+void decode(backend::hip, const gpu::paged_kv<KV>& cache, int layer,
+            std::span<const gpu::slot_id> seqs, const float* q, float* out, const options& opt,
+            gpu::decode_workspace& ws, gpu::stream_t stream, const gpu::decode_config& cfg = {}) {
+  gpu::detail::decode_impl(cache, layer, seqs, q, out, opt, ws, stream, cfg);
+}
+#endif
+
+}  // namespace oscar::attention

@@ -1,0 +1,262 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file
+/// Pieces shared by OSCAR's GPU decode kernels (split-K "flash decoding" over a `paged_kv`):
+///
+/// - `decode_params`: what every decode kernel takes (by value);
+/// - partial results: each work item (a split of an entry's blocks, or the fp16 sinks and
+///   window) writes, per query of the KV head's group, the unnormalized output `o[d]`, the
+///   running maximum `m` and the sum `l` of its softmax, in log2 units (logits are multiplied by
+///   `softmax_scale * log2(e)`, so the kernels use exp2);
+/// - `attend_window`: the partial of the sinks and window (fp16 rows, CUDA cores);
+/// - `combine_kernel`: merges an entry's partials, undoes the value rotation of the blocks'
+///   part once (the value format may rotate; the softmax weights commute with it), adds the
+///   window's part, normalizes and writes `out`.
+#pragma once
+
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "oscar/backend/gpu/paged_kv_view.hpp"
+#include "oscar/backend/gpu/warp.cuh"
+#include "oscar/core/hadamard.hpp"
+#include "oscar/core/numeric.hpp"
+
+namespace oscar::gpu::detail {
+
+/// Most sequences one decode call takes (their slots travel as kernel parameters).
+inline constexpr int max_decode_batch = 256;
+
+/// log2(e), to turn natural-log logits into exp2 arguments.
+inline constexpr float log2e = 1.4426950408889634f;
+
+/// Parameters of one decode launch.
+template <class KV>
+struct decode_params {
+  paged_kv_view<KV> cache;
+  int layer = 0;
+  const float* q = nullptr;  ///< [batch][q_heads][head_dim]
+  int batch = 0;
+  int q_heads = 0;
+  int group = 0;              ///< query heads per KV head
+  int query_tiles = 1;        ///< tensor-core kernel: blocks per split, 8 query heads each
+  float scale_log2 = 0.0f;    ///< softmax scale * log2(e)
+  int splits = 0;             ///< block work items per entry (CTAs)
+  int window_items = 0;       ///< work items of the sinks and window per entry
+  int partials = 0;           ///< partial results per entry (block partials, then window ones)
+  int window_partial = 0;     ///< index of the first window partial
+  float* part_o = nullptr;    ///< [batch][kv_heads][partials][group][head_dim]
+  float* part_ml = nullptr;   ///< [batch][kv_heads][partials][group][2] (m, l)
+  slot_id slots[max_decode_batch];
+};
+
+/// Offset of partial `p` of (b, h), query `j`, in units of `head_dim` floats (for part_o) or
+/// of 2 floats (for part_ml).
+template <class KV>
+OSCAR_HD_INLINE std::size_t partial_index(const decode_params<KV>& prm, int b, int h, int p,
+                                          int j) noexcept {
+  return ((static_cast<std::size_t>(b) * prm.cache.kv_heads + h) * prm.partials + p) * prm.group +
+         j;
+}
+
+#if defined(OSCAR_GPU_COMPILER)
+
+/// Rows of the sinks and window one work item of `attend_window` takes.
+inline constexpr int window_rows = 64;
+
+/// Work items (blocks) for the sinks and window of each entry: enough for the most rows an
+/// entry can hold (sink_tokens + window_tokens + chunk - 1).
+template <class KV>
+OSCAR_HD_INLINE int window_items(const paged_kv_view<KV>& cache) noexcept {
+  const int rows = cache.sink_tokens + cache.window_capacity - 1;
+  return rows <= 0 ? 1 : (rows + window_rows - 1) / window_rows;
+}
+
+/// Floats of shared memory `attend_window` needs: queries, probabilities, and the staged fp16
+/// K and V rows (row stride head_dim + 2 halves, so that consecutive rows fall in consecutive
+/// banks).
+inline int window_shared_floats(int group, int head_dim) {
+  return group * head_dim + group * window_rows + window_rows * (head_dim + 2);
+}
+
+OSCAR_DEVICE OSCAR_FORCEINLINE float half_to_float(half h) noexcept {
+#if defined(__CUDA_ARCH__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
+  return f;
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+/// Work item `item` of the sinks and window of entry (b, h): rows [64 item, 64 item + 64) of
+/// sinks then window, one softmax partial (`prm.window_partial + item`). All threads of the
+/// block (a multiple of the warp size); `smem` holds `window_shared_floats` floats.
+template <class KV>
+OSCAR_DEVICE void attend_window(const decode_params<KV>& prm, int b, int h, int item, float* smem) {
+  const paged_kv_view<KV>& cache = prm.cache;
+  const int d = cache.head_dim, G = prm.group, stride = d + 2;
+  const std::int64_t e = cache.entry(prm.slots[b], prm.layer, h);
+  const entry_state<KV> st = cache.entries[e];
+  float* q = smem;                 // [G][d], scaled to log2 units
+  float* p = q + G * d;            // [G][window_rows]
+  half* ks = reinterpret_cast<half*>(p + G * window_rows);  // [window_rows][stride]
+  half* vs = ks + window_rows * stride;
+  const int first = item * window_rows;
+  const int rows = st.sinks + st.window;
+  const int n = rows - first < window_rows ? (rows - first > 0 ? rows - first : 0) : window_rows;
+  const int partial = prm.window_partial + item;
+  if (n == 0) {  // uniform: nothing in this item's range
+    for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
+      prm.part_o[partial_index(prm, b, h, partial, i / d) * d + i % d] = 0.0f;
+    }
+    for (int j = threadIdx.x; j < G; j += blockDim.x) {
+      float* ml = prm.part_ml + partial_index(prm, b, h, partial, j) * 2;
+      ml[0] = -INFINITY;
+      ml[1] = 0.0f;
+    }
+    return;
+  }
+  const float* qg = prm.q + (static_cast<std::size_t>(b) * prm.q_heads + h * G) * d;
+  for (int i = threadIdx.x; i < G * d; i += blockDim.x) q[i] = qg[i] * prm.scale_log2;
+  // Stage the rows: 4-byte pieces, consecutive threads along a row.
+  const int pairs = d / 2;
+  for (int i = threadIdx.x; i < n * pairs; i += blockDim.x) {
+    const int t = i / pairs, c = 2 * (i % pairs), r = first + t;
+    const half* krow = r < st.sinks ? cache.sink_row(cache.sink_k, e, r)
+                                    : cache.window_row(cache.window_k, e, st.window_start, r - st.sinks);
+    const half* vrow = r < st.sinks ? cache.sink_row(cache.sink_v, e, r)
+                                    : cache.window_row(cache.window_v, e, st.window_start, r - st.sinks);
+    *reinterpret_cast<std::uint32_t*>(ks + t * stride + c) = *reinterpret_cast<const std::uint32_t*>(krow + c);
+    *reinterpret_cast<std::uint32_t*>(vs + t * stride + c) = *reinterpret_cast<const std::uint32_t*>(vrow + c);
+  }
+  __syncthreads();
+  // Logits: one (query, row) per thread, two channels per step.
+  for (int i = threadIdx.x; i < G * window_rows; i += blockDim.x) {
+    const int j = i / window_rows, t = i % window_rows;
+    float s = -INFINITY;
+    if (t < n) {
+      float s0 = 0.0f, s1 = 0.0f;
+      for (int c = 0; c < d; c += 2) {
+        s0 += q[j * d + c] * half_to_float(ks[t * stride + c]);
+        s1 += q[j * d + c + 1] * half_to_float(ks[t * stride + c + 1]);
+      }
+      s = s0 + s1;
+    }
+    p[i] = s;
+  }
+  __syncthreads();
+  // Softmax per query, one warp per query: p <- exp2(s - m), then the partial's m and l.
+  const int warps = static_cast<int>(blockDim.x) / warp_size;
+  for (int j = warp_id(); j < G; j += warps) {
+    float mx = -INFINITY;
+    for (int t = lane_id(); t < window_rows; t += warp_size) mx = fmaxf(mx, p[j * window_rows + t]);
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int t = lane_id(); t < window_rows; t += warp_size) {
+      const float w = t < n ? exp2f(p[j * window_rows + t] - mx) : 0.0f;
+      p[j * window_rows + t] = w;
+      sum += w;
+    }
+    sum = warp_sum(sum);
+    if (lane_id() == 0) {
+      float* ml = prm.part_ml + partial_index(prm, b, h, partial, j) * 2;
+      ml[0] = mx;
+      ml[1] = sum;
+    }
+  }
+  __syncthreads();
+  // Output: one (query, channel pair) per thread.
+  for (int i = threadIdx.x; i < G * pairs; i += blockDim.x) {
+    const int j = i / pairs, c = 2 * (i % pairs);
+    float a0 = 0.0f, a1 = 0.0f;
+    for (int t = 0; t < n; ++t) {
+      const float w = p[j * window_rows + t];
+      a0 += w * half_to_float(vs[t * stride + c]);
+      a1 += w * half_to_float(vs[t * stride + c + 1]);
+    }
+    float* o = prm.part_o + partial_index(prm, b, h, partial, j) * d + c;
+    o[0] = a0;
+    o[1] = a1;
+  }
+}
+
+/// Merges the partials of one query of (b, h): grid (group, kv_heads, batch), a multiple of the
+/// warp size of threads (one or a few channels each), shared memory `combine_shared_bytes`.
+/// Partials [0, window_partial) are the blocks', the rest the window's. Each thread sums its
+/// channel over the partials with several independent loads in flight. `unrotate_blocks`: the
+/// block partials are in the value format's rotated space. Writes `out[b][h * group + j][c]`.
+template <class KV>
+__global__ void combine_kernel(decode_params<KV> prm, bool unrotate_blocks, float* out) {
+  extern __shared__ __align__(16) float combine_smem[];
+  const int j = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int d = prm.cache.head_dim, G = prm.group, P = prm.partials, W = prm.window_partial;
+  float* acc = combine_smem;   // [d]
+  float* weight = acc + d;     // [P]
+  float* total = weight + P;   // [1]
+  const std::size_t base = partial_index(prm, b, h, 0, j);  // partial p at base + p * G
+  if (threadIdx.x < static_cast<unsigned>(warp_size)) {  // one warp: max, weights, sum
+    float mx = -INFINITY;
+    for (int p = lane_id(); p < P; p += warp_size) {
+      mx = fmaxf(mx, prm.part_ml[(base + static_cast<std::size_t>(p) * G) * 2]);
+    }
+    mx = warp_max(mx);
+    float t = 0.0f;
+    for (int p = lane_id(); p < P; p += warp_size) {
+      const float* ml = prm.part_ml + (base + static_cast<std::size_t>(p) * G) * 2;
+      const float w = ml[0] == -INFINITY ? 0.0f : exp2f(ml[0] - mx);
+      weight[p] = w;
+      t += w * ml[1];
+    }
+    t = warp_sum(t);
+    if (lane_id() == 0) total[0] = t;
+  }
+  __syncthreads();
+  const std::size_t step = static_cast<std::size_t>(G) * d;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    const float* o = prm.part_o + base * d + c;  // partial p at o[p * step]
+    float a[8] = {};
+    int p = 0;
+    for (; p + 8 <= W; p += 8) {  // eight independent loads in flight
+      float v[8];
+      for (int k = 0; k < 8; ++k) v[k] = o[(p + k) * step];
+      for (int k = 0; k < 8; ++k) a[k] += weight[p + k] * v[k];
+    }
+    for (; p < W; ++p) a[0] += weight[p] * o[p * step];
+    acc[c] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  }
+  if (unrotate_blocks) {
+    __syncthreads();
+    for (int len = 1; len < d; len <<= 1) {  // the butterflies of unrotate_unchecked, by stage
+      for (int k = threadIdx.x; k < d / 2; k += blockDim.x) {
+        const int at = (k / len) * 2 * len + k % len;
+        const float u = acc[at], v = acc[at + len];
+        acc[at] = u + v;
+        acc[at + len] = u - v;
+      }
+      __syncthreads();
+    }
+    const float scale = rotation_scale(d);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) acc[c] = acc[c] * scale * rotation_sign(c);
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float a = acc[c];
+    for (int p = W; p < P; ++p) {
+      const float w = weight[p];
+      if (w != 0.0f) a += w * prm.part_o[(base + static_cast<std::size_t>(p) * G) * d + c];
+    }
+    out[(static_cast<std::size_t>(b) * prm.q_heads + h * G + j) * d + c] = a / total[0];
+  }
+}
+
+/// Shared memory of `combine_kernel`.
+inline std::size_t combine_shared_bytes(int head_dim, int partials) {
+  return sizeof(float) * (static_cast<std::size_t>(head_dim) + partials + 1);
+}
+
+#endif  // OSCAR_GPU_COMPILER
+
+}  // namespace oscar::gpu::detail

@@ -1,0 +1,166 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file
+/// The generic GPU decode kernel: split-K attention over a `paged_kv` in the native layout, for
+/// any KV format, on CUDA and HIP alike (CUDA cores / vector ALUs, no tensor cores).
+///
+/// Grid `(batch * kv_heads, window items + splits)`: work item `window items + s` takes the s-th
+/// share of entry (b, h)'s blocks, in *units* of `unit_tokens` tokens (a multiple of the
+/// formats' tiles). Per unit it decodes the keys with the format's own decoder (`decode_group`
+/// per channel for per-channel fpq keys, `decode_tile` otherwise) into shared memory, scores
+/// the whole query group against them, updates the online softmax, decodes the values into the
+/// same buffer and accumulates. The first work items compute the sinks and window. This is the
+/// portable path and the reference the tensor-core kernel is compared with on the device; it
+/// is not tuned for speed.
+#pragma once
+
+#include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "oscar/backend/gpu/cache_kernels.cuh"
+#include "oscar/backend/gpu/decode_common.cuh"
+#include "oscar/backend/gpu/paged_kv_view.hpp"
+#include "oscar/backend/gpu/warp.cuh"
+#include "oscar/quant/format_traits.hpp"
+
+namespace oscar::gpu::detail {
+
+/// Tokens per unit of the generic kernel for a cache with `chunk`-token chunks.
+inline int generic_unit_tokens(int chunk, int block_tokens) {
+  const int u = block_tokens < 64 ? block_tokens : 64;
+  return chunk > u ? chunk : u;
+}
+
+/// Shared memory of `decode_generic_kernel` (floats): the unit's rows, the scaled queries, the
+/// accumulators, the probabilities, and per query m, l, alpha; the window block needs less.
+inline std::size_t generic_shared_bytes(int unit, int group, int head_dim) {
+  const std::size_t floats = static_cast<std::size_t>(unit) * head_dim +
+                             2 * static_cast<std::size_t>(group) * head_dim +
+                             static_cast<std::size_t>(group) * unit + 3 * group;
+  const std::size_t window = static_cast<std::size_t>(window_shared_floats(group, head_dim));
+  return sizeof(float) * (floats > window ? floats : window);
+}
+
+/// Decodes the key (`values == false`) or value tiles of `count` tokens starting at token
+/// `offset` of a native block into `x` ([unit][d] floats). All threads; ends with a barrier.
+template <class F>
+OSCAR_DEVICE void decode_native(const std::byte* block, std::size_t section,
+                                std::size_t tile_bytes, int offset, int count, int d,
+                                const typename quant::format_traits<F>::head_params& p,
+                                float* x) {
+  using traits = quant::format_traits<F>;
+  using blk = typename traits::block;
+  constexpr int tt = quant::tokens_per_tile<F>();
+  const std::byte* base = block + section + static_cast<std::size_t>(offset / tt) * tile_bytes;
+  if constexpr (fpq_traits_of<F>::value && traits::axis == quant::group_axis::tokens &&
+                !traits::rotated) {
+    constexpr int group = traits::group;  // == tt
+    const int items = (count / tt) * d;
+    for (int item = threadIdx.x; item < items; item += blockDim.x) {
+      const int tile = item / d, c = item % d;
+      const auto* in = reinterpret_cast<const blk*>(base + tile * tile_bytes);
+      float v[group];
+      traits::decode_group(in[c], p, v);
+      for (int t = 0; t < group; ++t) x[(tile * group + t) * d + c] = v[t];
+    }
+  } else {
+    for (int tile = threadIdx.x; tile < count / tt; tile += blockDim.x) {
+      traits::decode_tile(reinterpret_cast<const blk*>(base + tile * tile_bytes), d, p,
+                          x + tile * tt * d);
+    }
+  }
+  __syncthreads();
+}
+
+template <class KV>
+__global__ void decode_generic_kernel(decode_params<KV> prm, native_offsets lay, int unit) {
+  extern __shared__ __align__(16) float generic_smem[];
+  // blockIdx.x = b * kv_heads + h; blockIdx.y = work item, the window's first.
+  const int h = static_cast<int>(blockIdx.x) % prm.cache.kv_heads;
+  const int b = static_cast<int>(blockIdx.x) / prm.cache.kv_heads;
+  if (static_cast<int>(blockIdx.y) < prm.window_items) {
+    attend_window(prm, b, h, static_cast<int>(blockIdx.y), generic_smem);
+    return;
+  }
+  const int split = static_cast<int>(blockIdx.y) - prm.window_items;
+  const paged_kv_view<KV>& cache = prm.cache;
+  const int d = cache.head_dim, G = prm.group;
+  const std::int64_t e = cache.entry(prm.slots[b], prm.layer, h);
+  const entry_state<KV> st = cache.entries[e];
+  float* x = generic_smem;        // [unit][d]
+  float* q = x + unit * d;        // [G][d]
+  float* o = q + G * d;           // [G][d]
+  float* p = o + G * d;           // [G][unit]
+  float* m = p + G * unit;        // [G]
+  float* l = m + G;               // [G]
+  float* alpha = l + G;           // [G]
+  const float* qg = prm.q + (static_cast<std::size_t>(b) * prm.q_heads + h * G) * d;
+  for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
+    q[i] = qg[i] * prm.scale_log2;
+    o[i] = 0.0f;
+  }
+  for (int j = threadIdx.x; j < G; j += blockDim.x) {
+    m[j] = -INFINITY;
+    l[j] = 0.0f;
+  }
+  const int units = (st.tokens + unit - 1) / unit;
+  const int per_split = (units + prm.splits - 1) / prm.splits;
+  const int first = split * per_split;
+  const int last = first + per_split < units ? first + per_split : units;
+  __syncthreads();
+  for (int u = first; u < last; ++u) {
+    const int token = u * unit;  // token index among the entry's block tokens
+    const int count = st.tokens - token < unit ? st.tokens - token : unit;
+    const std::int32_t id = cache.tables[e * cache.max_blocks + token / cache.block_tokens];
+    const std::byte* block = cache.block(id);
+    const int offset = token % cache.block_tokens;
+    decode_native<typename KV::key>(block, 0, lay.key_tile_bytes, offset, count, d, st.key, x);
+    for (int i = threadIdx.x; i < G * unit; i += blockDim.x) {
+      const int j = i / unit, t = i % unit;
+      float s = -INFINITY;
+      if (t < count) {
+        s = 0.0f;
+        for (int c = 0; c < d; ++c) s += q[j * d + c] * x[t * d + c];
+      }
+      p[i] = s;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < G; j += blockDim.x) {
+      float mx = m[j];
+      for (int t = 0; t < count; ++t) mx = fmaxf(mx, p[j * unit + t]);
+      const float a = exp2f(m[j] - mx);
+      float sum = 0.0f;
+      for (int t = 0; t < unit; ++t) {
+        const float w = t < count ? exp2f(p[j * unit + t] - mx) : 0.0f;
+        p[j * unit + t] = w;
+        sum += w;
+      }
+      l[j] = l[j] * a + sum;
+      m[j] = mx;
+      alpha[j] = a;
+    }
+    decode_native<typename KV::value>(block, lay.key_bytes, lay.value_tile_bytes, offset, count,
+                                      d, st.value, x);  // its barrier also orders p and alpha
+    for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
+      const int j = i / d, c = i % d;
+      float acc = o[i] * alpha[j];
+      for (int t = 0; t < count; ++t) acc += p[j * unit + t] * x[t * d + c];
+      o[i] = acc;
+    }
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < G * d; i += blockDim.x) {
+    const int j = i / d, c = i % d;
+    prm.part_o[partial_index(prm, b, h, split, j) * d + c] = o[i];
+  }
+  for (int j = threadIdx.x; j < G; j += blockDim.x) {
+    float* ml = prm.part_ml + partial_index(prm, b, h, split, j) * 2;
+    ml[0] = m[j];
+    ml[1] = l[j];
+  }
+}
+
+}  // namespace oscar::gpu::detail
