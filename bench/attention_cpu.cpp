@@ -9,9 +9,10 @@
 ///   oneDNN's matmul reads fastest: keys transposed once when they are written);
 /// - `decode/<T>/dense-bf16`: the same in bf16 (scores f32, probabilities reordered to bf16);
 /// - `decode/<T>/<format>`: `attention::decode(backend::onednn{}, ...)` on a
-///   `kv_cache<format>` holding T tokens (blocks of 64, 4 sinks, a 128-token fp16 window);
-///   formats `fp2plus` (FP2+, per-token rotated keys), `fp2plus-kc` (FP2+ with per-channel
-///   keys) and `fp4plus`.
+///   `kv_cache<format>` holding T tokens (blocks of 128, 4 sinks, a 128-token fp16 window);
+///   formats `fp2plus` (the default FP2+: per-channel Lloyd-Max keys in 128-token groups with
+///   3 fp16 outliers each, rotated values), `fp2plus-kc` (the earlier per-channel candidate:
+///   uniform keys in 64-token groups) and `fp4plus`.
 /// - `memcpy`: one thread copying 512 MiB, the bandwidth that turns each row's bytes into its
 ///   *floor* (bytes the row must read / memcpy GB/s).
 ///
@@ -70,7 +71,7 @@ constexpr int kHeads = 8;
 constexpr int kQHeads = 32;
 constexpr int kGroup = kQHeads / kHeads;
 constexpr int kHeadDim = 128;
-constexpr int kBlockTokens = 64;
+constexpr int kBlockTokens = 128;  ///< a multiple of FP2+'s 128-token key groups
 constexpr int kSinks = 4;
 constexpr int kWindow = 128;
 constexpr index_t kPattern = 8192;  ///< synthetic tokens, repeated
