@@ -9,16 +9,18 @@
 ///   oneDNN's matmul reads fastest: keys transposed once when they are written);
 /// - `decode/<T>/dense-bf16`: the same in bf16 (scores f32, probabilities reordered to bf16);
 /// - `decode/<T>/<format>`: `attention::decode(backend::onednn{}, ...)` on a
-///   `kv_cache<format>` holding T tokens (blocks of 64, 4 sinks, a 128-token fp16 window);
-///   formats `fp2plus` (FP2+, per-token rotated keys), `fp2plus-kc` (FP2+ with per-channel
-///   keys) and `fp4plus`.
+///   `kv_cache<format>` holding T tokens (blocks of 128, 4 sinks, a 128-token fp16 window);
+///   formats `fp2plus` (the default FP2+: per-channel Lloyd-Max keys in 128-token groups with
+///   3 fp16 outliers each, rotated values), `fp2plus-kc` (the earlier per-channel candidate:
+///   uniform keys in 64-token groups) and `fp4plus`.
 /// - `memcpy`: one thread copying 512 MiB, the bandwidth that turns each row's bytes into its
 ///   *floor* (bytes the row must read / memcpy GB/s).
 ///
 /// **Prefill**, a 2048-token chunk against 32K cached tokens, same heads (`prefill/...`): OSCAR's
 /// oneDNN prefill with bf16 matmuls on the FP2+ caches, against a dense bf16 attention with
-/// the same oneDNN matmul primitives, tile sizes and online softmax over dense bf16 K/V (so
-/// the difference is what reading the compressed cache costs).
+/// the same matmul shapes, tile sizes and online softmax over dense bf16 K/V, its tiles read
+/// in place (`dense-bf16`, what an engine with a dense cache does) or packed once per tile
+/// into oneDNN's blocked layout as OSCAR packs its decoded tiles (`dense-bf16-packed`).
 ///
 /// Each decode row runs 5 times and each prefill row 3, the repetitions of all rows in random
 /// order (Google Benchmark's random interleaving, on by default here); the summary gives
@@ -69,7 +71,7 @@ constexpr int kHeads = 8;
 constexpr int kQHeads = 32;
 constexpr int kGroup = kQHeads / kHeads;
 constexpr int kHeadDim = 128;
-constexpr int kBlockTokens = 64;
+constexpr int kBlockTokens = 128;  ///< a multiple of FP2+'s 128-token key groups
 constexpr int kSinks = 4;
 constexpr int kWindow = 128;
 constexpr index_t kPattern = 8192;  ///< synthetic tokens, repeated
@@ -333,8 +335,10 @@ const prefill_input& chunk_input() {
 }
 
 /// Dense bf16 prefill: the OSCAR prefill's algorithm on dense bf16 K/V `[8, 32K + 2K, 128]`:
-/// the same oneDNN primitives (`onednn_matmuls`), 512-token tiles read in place, the same
-/// online softmax rows.
+/// the same matmul shapes (`onednn_matmuls`), 512-token tiles, the same online softmax rows.
+/// `packed = false` reads the tiles in place, in the row-major layout a dense cache holds
+/// (oneDNN packs the weights inside every call); `packed = true` first reorders each tile
+/// into oneDNN's blocked weight layout once, as OSCAR's prefill does with its decoded tiles.
 struct dense_prefill {
   static constexpr index_t kTotal = kPrefillContext + kChunk;
   std::vector<std::uint16_t> k, v, qs;  // bf16
@@ -360,15 +364,24 @@ struct dense_prefill {
     }
   }
 
-  void run(float* out) {
+  void run(float* out, bool packed) {
     namespace od = oscar::attention::detail;
+    using mm = od::onednn_matmuls;
     constexpr index_t rows = kChunk * kGroup;
     constexpr index_t rb = od::kRowBlock;
     constexpr int tile = od::kTileTokens;
-    auto& dnn = od::onednn_matmuls::instance();
-    const dnnl::matmul& mm_s = dnn.get(od::onednn_matmuls::kind::scores, dt::bf16, rb, tile, kHeadDim);
-    const dnnl::matmul& mm_v = dnn.get(od::onednn_matmuls::kind::values, dt::bf16, rb, tile, kHeadDim);
+    auto& dnn = mm::instance();
+    const auto& mm_s = dnn.get(mm::kind::scores, dt::bf16, rb, tile, kHeadDim, packed);
+    const auto& mm_v = dnn.get(mm::kind::values, dt::bf16, rb, tile, kHeadDim, packed);
     dnnl::stream& stream = dnn.stream();
+    // Packing in place bf16 tiles (the cached reorders of `onednn_matmuls` start from f32).
+    static const dnnl::reorder pack_k(dnnl::reorder::primitive_desc(
+        dnn.engine(), mm::scores_weights(dt::bf16, tile, kHeadDim), dnn.engine(),
+        dnn.get(mm::kind::scores, dt::bf16, rb, tile, kHeadDim, true).weights));
+    static const dnnl::reorder pack_v(dnnl::reorder::primitive_desc(
+        dnn.engine(), mm::values_weights(dt::bf16, tile, kHeadDim), dnn.engine(),
+        dnn.get(mm::kind::values, dt::bf16, rb, tile, kHeadDim, true).weights));
+    dnnl::memory k_packed(mm_s.weights, dnn.engine()), v_packed(mm_v.weights, dnn.engine());
     const oa::cpu_isa isa = od::kernel_isa(kHeadDim);
     const int threads = od::default_threads();
     const prefill_input& in = chunk_input();
@@ -390,10 +403,17 @@ struct dense_prefill {
       const dnnl::memory s_mem(od::onednn_matmuls::scores_dst(rb, tile), dnn.engine(), s.data());
       const dnnl::memory p_mem(od::onednn_matmuls::values_src(dt::bf16, rb, tile), dnn.engine(), p.data());
       for (index_t t0 = 0; t0 < kTotal; t0 += tile) {
-        const dnnl::memory k_mem(od::onednn_matmuls::scores_weights(dt::bf16, tile, kHeadDim), dnn.engine(),
-                                 k.data() + (h * kTotal + t0) * kHeadDim);
-        const dnnl::memory v_mem(od::onednn_matmuls::values_weights(dt::bf16, tile, kHeadDim), dnn.engine(),
-                                 v.data() + (h * kTotal + t0) * kHeadDim);
+        dnnl::memory k_rows(mm::scores_weights(dt::bf16, tile, kHeadDim), dnn.engine(),
+                            k.data() + (h * kTotal + t0) * kHeadDim);
+        dnnl::memory v_rows(mm::values_weights(dt::bf16, tile, kHeadDim), dnn.engine(),
+                            v.data() + (h * kTotal + t0) * kHeadDim);
+        if (packed) {
+          pack_k.execute(stream, k_rows, k_packed);
+          pack_v.execute(stream, v_rows, v_packed);
+          stream.wait();
+        }
+        const dnnl::memory& k_mem = packed ? k_packed : k_rows;
+        const dnnl::memory& v_mem = packed ? v_packed : v_rows;
         for (index_t r0 = 0; r0 < rows; r0 += rb) {
           // Query token i sees tokens [0, 32K + i]; the tile covers [t0, t0 + tile).
           const auto visible = [&](index_t r) {
@@ -402,7 +422,7 @@ struct dense_prefill {
           if (visible(r0 + rb - 1) == 0) continue;
           const dnnl::memory q_mem(od::onednn_matmuls::scores_src(dt::bf16, rb, kHeadDim), dnn.engine(),
                                    qs.data() + r0 * kHeadDim);
-          mm_s.execute(stream, {{DNNL_ARG_SRC, q_mem}, {DNNL_ARG_WEIGHTS, k_mem}, {DNNL_ARG_DST, s_mem}});
+          mm_s.primitive.execute(stream, {{DNNL_ARG_SRC, q_mem}, {DNNL_ARG_WEIGHTS, k_mem}, {DNNL_ARG_DST, s_mem}});
           stream.wait();
           od::parallel_for(rb / 16, threads, [&](index_t task) noexcept {
             for (index_t r = r0 + task * 16; r < r0 + task * 16 + 16; ++r) {
@@ -412,7 +432,7 @@ struct dense_prefill {
           });
           const dnnl::memory o_mem(od::onednn_matmuls::values_dst(rb, kHeadDim), dnn.engine(),
                                    o.data() + r0 * kHeadDim);
-          mm_v.execute(stream, {{DNNL_ARG_SRC, p_mem}, {DNNL_ARG_WEIGHTS, v_mem}, {DNNL_ARG_DST, o_mem}});
+          mm_v.primitive.execute(stream, {{DNNL_ARG_SRC, p_mem}, {DNNL_ARG_WEIGHTS, v_mem}, {DNNL_ARG_DST, o_mem}});
           stream.wait();
         }
       }
@@ -433,19 +453,19 @@ dense_prefill& dense_prefill_instance() {
 const std::vector<float>& prefill_reference() {
   static const std::vector<float> out = [] {
     std::vector<float> o(static_cast<std::size_t>(kChunk * kQHeads * kHeadDim));
-    dense_prefill_instance().run(o.data());
+    dense_prefill_instance().run(o.data(), false);
     return o;
   }();
   return out;
 }
 
-void bm_dense_prefill(benchmark::State& state) {
+void bm_dense_prefill(benchmark::State& state, bool packed) {
   dense_prefill& d = dense_prefill_instance();
   std::vector<float> out(static_cast<std::size_t>(kChunk * kQHeads * kHeadDim));
   double total = 0;
   for (auto _ : state) {
     const double t0 = now();
-    d.run(out.data());
+    d.run(out.data(), packed);
     total += now() - t0;
   }
   record(state, total, 2.0 * kHeads * double(dense_prefill::kTotal) * kHeadDim * 2);
@@ -489,8 +509,11 @@ void register_all() {
           ->Repetitions(5)->UseRealTime()->ReportAggregatesOnly(true);
     }
   }
-  benchmark::RegisterBenchmark("prefill/32K+2K/dense-bf16", bm_dense_prefill)
-      ->Iterations(1)->Repetitions(3)->UseRealTime()->ReportAggregatesOnly(true);
+  for (const bool packed : {false, true}) {
+    benchmark::RegisterBenchmark(packed ? "prefill/32K+2K/dense-bf16-packed" : "prefill/32K+2K/dense-bf16",
+                                 [packed](benchmark::State& s) { bm_dense_prefill(s, packed); })
+        ->Iterations(1)->Repetitions(3)->UseRealTime()->ReportAggregatesOnly(true);
+  }
   for (const char* f : {"fp2plus", "fp2plus-kc"}) {
     const std::string format = f;
     benchmark::RegisterBenchmark(("prefill/32K+2K/" + format).c_str(),
@@ -544,13 +567,13 @@ class attention_reporter : public oscar_bench::summary_reporter {
     out << "\nPrefill: a " << kChunk << "-token chunk against " << kPrefillContext
         << " cached tokens, bf16 matmuls (median of 3; err = rel. RMS vs dense bf16)\n";
     const double dense = get("prefill/32K+2K/dense-bf16", "ms");
-    std::snprintf(line, sizeof(line), "%-12s %10s %10s %9s\n", "method", "ms", "x bf16", "err");
+    std::snprintf(line, sizeof(line), "%-18s %10s %10s %9s\n", "method", "ms", "x bf16", "err");
     out << line;
-    for (const char* method : {"dense-bf16", "fp2plus", "fp2plus-kc"}) {
+    for (const char* method : {"dense-bf16", "dense-bf16-packed", "fp2plus", "fp2plus-kc"}) {
       const std::string name = std::string("prefill/32K+2K/") + method + "";
       if (!has(name)) continue;
       const double ms = get(name, "ms");
-      std::snprintf(line, sizeof(line), "%-12s %10.1f %10.3f %9.4f\n", method, ms,
+      std::snprintf(line, sizeof(line), "%-18s %10.1f %10.3f %9.4f\n", method, ms,
                     ms > 0 ? dense / ms : 0.0, get(name, "err"));
       out << line;
     }

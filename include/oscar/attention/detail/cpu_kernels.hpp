@@ -15,9 +15,10 @@
 /// - `row_decoder<F>`: one token's head vector, `W` channels at a time (formats grouped along
 ///   head_dim: fp16/bf16/fp32, q8_0, q4_0, FP2+/FP4+/KIVI values);
 /// - `token_key_decoder<C>`: FP2+/KIVI keys grouped along tokens, scored `W` *tokens* at a time
-///   by linearity: `q . k_t = sum_c (q_c s_c) level(code_tc) + sum_c q_c z_c`;
-/// - `scratch_rows`: any other format (fp8, outliers, user formats), decoded with the format's
-///   own `decode_tile` into a per-task scratch block.
+///   by linearity: `q . k_t = sum_c (q_c s_c) level(code_tc) + sum_c q_c z_c`, then, for the
+///   few fp16 outliers a group may keep, `q_c (outlier - decoded code)` added to their token;
+/// - `float_rows` over a scratch block: any other format (fp8, user formats), decoded with the
+///   format's own `decode_tile`.
 ///
 /// Rotated formats are attended in the rotated space: the query is rotated once per entry,
 /// values are accumulated rotated and the output is unrotated once (`cpu_decode.hpp`).
@@ -196,6 +197,15 @@ struct token_keys {
   decltype(fpq_lut<C>()) lut;
   float head_factor;
   float factor() const noexcept { return head_factor; }
+  /// The codebook's levels (for the outliers' codes).
+  static float level(int q) noexcept {
+    static const auto levels = [] {
+      std::array<float, 16> l{};
+      for (int i = 0; i < T::levels; ++i) l[static_cast<std::size_t>(i)] = T::level(i);
+      return l;
+    }();
+    return levels[static_cast<std::size_t>(q)];
+  }
 };
 
 template <class F>
@@ -204,7 +214,7 @@ struct token_key_decoder {
 };
 
 template <quant::fpq_config C>
-  requires(C.axis == quant::group_axis::tokens && C.outliers == 0 && C.group % W == 0)
+  requires(C.axis == quant::group_axis::tokens && C.group % W == 0)
 struct token_key_decoder<quant::fpq<C>> {
   static constexpr bool fast = true;
   using type = token_keys<C>;
@@ -286,16 +296,30 @@ void token_scores(const token_keys<C>& dec, int n, const float* q, int d, float*
   using T = quant::format_traits<quant::fpq<C>>;
   constexpr int TV = simd::accumulators / JB > 0 ? simd::accumulators / JB : 1;  // token vectors
   constexpr int vectors_per_tile = C.group / W;
+  // Outliers: per token of the tile and query head, sum_c q_c (outlier - decoded code).
+  float corr[C.outliers > 0 ? C.group * JB : 1];
+  const float inv_factor = 1.0f / dec.head_factor;
   for (int tile = 0; tile < n / C.group; ++tile) {
     const std::uint8_t* base = dec.p + tile * dec.tile_bytes;
     float zsum[JB] = {};
-    for (int c = 0; c < d; ++c) {  // q_c * scale_c per head, and the zero points' share
+    if constexpr (C.outliers > 0) std::fill(corr, corr + C.group * JB, 0.0f);
+    for (int c = 0; c < d; ++c) {  // q_c * scale_c per head, the zero points' share, outliers
       const std::uint8_t* blk = base + c * T::block_bytes;
       const float scale = fpq_stored<C>(blk);
       const float zero = C.zero_point ? fpq_stored<C>(blk + T::zero_offset) : 0.0f;
+      float qc[JB];
       for (int j = 0; j < JB; ++j) {
-        w[j * d + c] = q[j * d + c] * scale;
-        zsum[j] += q[j * d + c] * zero;
+        qc[j] = q[j * d + c];
+        w[j * d + c] = qc[j] * scale;
+        zsum[j] += qc[j] * zero;
+      }
+      for (int k = 0; k < C.outliers; ++k) {
+        const int t = blk[T::outlier_index_offset + k];
+        if (t >= C.group) continue;  // as decode_group: bytes may be untrusted
+        const float value = simd::half_to_float(load_bits<std::uint16_t>(blk + T::outlier_value_offset + 2 * k));
+        const float delta = value * inv_factor -
+                            (zero + scale * dec.level(get_code<C.bits>(blk + T::code_offset, t)));
+        for (int j = 0; j < JB; ++j) corr[t * JB + j] += qc[j] * delta;
       }
     }
     for (int tv0 = 0; tv0 < vectors_per_tile; tv0 += TV) {
@@ -318,6 +342,10 @@ void token_scores(const token_keys<C>& dec, int n, const float* q, int d, float*
           simd::store(s + j * ss + tile * C.group + (tv0 + i) * W, simd::add(acc[j][i], z));
         }
       }
+    }
+    if constexpr (C.outliers > 0) {
+      for (int t = 0; t < C.group; ++t)
+        for (int j = 0; j < JB; ++j) s[j * ss + tile * C.group + t] += corr[t * JB + j];
     }
   }
 }
@@ -622,6 +650,13 @@ void decode_rows(const D& dec, int n, int d, float* out) noexcept {
           simd::store(lanes, simd::fma(fpq_levels<cfg>(blk + D::T::code_offset, t0, dec.lut), scale, zero));
           float* column = out + static_cast<std::size_t>(tile * cfg.group + t0) * d + c;
           for (int i = 0; i < W; ++i) column[static_cast<std::size_t>(i) * d] = lanes[i];
+        }
+        for (int k = 0; k < cfg.outliers; ++k) {  // fp16 outliers replace their token's value
+          const int t = blk[D::T::outlier_index_offset + k];
+          if (t < cfg.group) {
+            out[static_cast<std::size_t>(tile * cfg.group + t) * d + c] =
+                half_bits_to_float(load_bits<std::uint16_t>(blk + D::T::outlier_value_offset + 2 * k));
+          }
         }
       }
     }

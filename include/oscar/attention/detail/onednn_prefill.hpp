@@ -21,7 +21,9 @@
 /// query token `i` sees the tile's columns before its chunk token `i + 1`. Rotated formats:
 /// the tile is in the space of the low tier's keys (values), rows of other spaces are rotated
 /// or unrotated as they enter it, queries are rotated once and the output unrotated once.
-/// Matmul primitives are created once per (shape, data type) and cached for the process.
+/// Each tile is packed once (a oneDNN reorder from the f32 tile to the blocked weight layout
+/// the matmul kernel prefers, in f32 or bf16) and shared by all row blocks. Primitives are
+/// created once per (shape, data type) and cached for the process.
 ///
 /// With statistics, a second pass recomputes `S` per tile and accumulates, in float64, each
 /// token's probability under the final log-sum-exp.
@@ -82,13 +84,25 @@ inline void to_bf16_on(cpu_isa isa, const float* x, std::size_t n, std::uint16_t
 
 // ---- oneDNN objects ----------------------------------------------------------------------------
 
-/// The CPU engine and the matmul primitives prefill uses, created on first use and kept for
-/// the process (primitives are immutable and may run from several threads at once).
+/// The CPU engine and the primitives prefill uses, created on first use and kept for the
+/// process (primitives are immutable and may run from several threads at once).
+///
+/// A matmul's weights (the key or value tile) come either in the plain row-major `[tile, d]`
+/// layout, read in place, or *packed*: in the blocked layout oneDNN's kernel prefers
+/// (`format_tag::any`), written once per tile by a reorder from the f32 tile, so the row
+/// blocks of the tile share one packing instead of repeating it in every call.
 class onednn_matmuls {
  public:
   enum class kind : std::uint8_t {
     scores,  ///< [M, d] x [d, N] (weights = a row-major [N, d] tile) -> [M, N] f32
     values,  ///< [M, N] x [N, d] -> [M, d] f32, added to dst (sum post-op)
+  };
+
+  /// A matmul primitive and the layout of its weights.
+  struct matmul_entry {
+    dnnl::matmul primitive;
+    dnnl::memory::desc weights;
+    dnnl::reorder pack;  ///< f32 row-major tile -> `weights` (packed entries only)
   };
 
   static onednn_matmuls& instance() {
@@ -104,13 +118,14 @@ class onednn_matmuls {
     return s;
   }
 
-  /// The primitive for `kind` with `rows` x `tile` x `head_dim` in data type `dt`.
-  const dnnl::matmul& get(kind k, dnnl::memory::data_type dt, index_t rows, index_t tile,
-                          index_t head_dim) {
-    const key id{k, dt, rows, tile, head_dim};
+  /// The primitive for `kind` with `rows` x `tile` x `head_dim` in data type `dt`, with plain
+  /// or packed weights.
+  const matmul_entry& get(kind k, dnnl::memory::data_type dt, index_t rows, index_t tile,
+                          index_t head_dim, bool packed) {
+    const key id{k, dt, rows, tile, head_dim, packed};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.find(id);
-    if (it == cache_.end()) it = cache_.emplace(id, create(k, dt, rows, tile, head_dim)).first;
+    if (it == cache_.end()) it = cache_.emplace(id, create(k, dt, rows, tile, head_dim, packed)).first;
     return it->second;
   }
 
@@ -134,29 +149,38 @@ class onednn_matmuls {
   }
 
  private:
-  using key = std::tuple<kind, dnnl::memory::data_type, index_t, index_t, index_t>;
+  using key = std::tuple<kind, dnnl::memory::data_type, index_t, index_t, index_t, bool>;
 
   onednn_matmuls() : engine_(dnnl::engine::kind::cpu, 0) {}
 
-  dnnl::matmul create(kind k, dnnl::memory::data_type dt, index_t rows, index_t tile,
-                      index_t d) const {
-    if (k == kind::scores) {
-      const dnnl::matmul::desc desc(scores_src(dt, rows, d), scores_weights(dt, tile, d),
-                                    scores_dst(rows, tile));
-      return dnnl::matmul(dnnl::matmul::primitive_desc(desc, engine_));
-    }
-    dnnl::post_ops ops;
-    ops.append_sum(1.0f);
+  matmul_entry create(kind k, dnnl::memory::data_type dt, index_t rows, index_t tile,
+                      index_t d, bool packed) const {
+    using dnnl::memory;
+    const memory::desc plain = k == kind::scores ? scores_weights(dt, tile, d) : values_weights(dt, tile, d);
+    const memory::desc weights =
+        packed ? memory::desc(plain.dims(), dt, memory::format_tag::any) : plain;
     dnnl::primitive_attr attr;
-    attr.set_post_ops(ops);
-    const dnnl::matmul::desc desc(values_src(dt, rows, tile), values_weights(dt, tile, d),
-                                  values_dst(rows, d));
-    return dnnl::matmul(dnnl::matmul::primitive_desc(desc, attr, engine_));
+    if (k == kind::values) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.0f);
+      attr.set_post_ops(ops);
+    }
+    const dnnl::matmul::desc desc =
+        k == kind::scores ? dnnl::matmul::desc(scores_src(dt, rows, d), weights, scores_dst(rows, tile))
+                          : dnnl::matmul::desc(values_src(dt, rows, tile), weights, values_dst(rows, d));
+    const dnnl::matmul::primitive_desc pd(desc, attr, engine_);
+    matmul_entry e{dnnl::matmul(pd), pd.weights_desc(), {}};
+    if (packed) {
+      const memory::desc f32_tile = k == kind::scores ? scores_weights(memory::data_type::f32, tile, d)
+                                                      : values_weights(memory::data_type::f32, tile, d);
+      e.pack = dnnl::reorder(dnnl::reorder::primitive_desc(engine_, f32_tile, engine_, e.weights));
+    }
+    return e;
   }
 
   dnnl::engine engine_;
   std::mutex mutex_;
-  std::map<key, dnnl::matmul> cache_;
+  std::map<key, matmul_entry> cache_;
 };
 
 // ---- prefill -----------------------------------------------------------------------------------
@@ -213,9 +237,11 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
   const std::size_t tile_elems = static_cast<std::size_t>(kTileTokens) * d;
 
   onednn_matmuls& dnn = onednn_matmuls::instance();
-  const dnnl::matmul& mm_scores = dnn.get(onednn_matmuls::kind::scores, dt, row_block, kTileTokens, d);
-  const dnnl::matmul& mm_values = dnn.get(onednn_matmuls::kind::values, dt, row_block, kTileTokens, d);
+  const auto& mm_scores = dnn.get(onednn_matmuls::kind::scores, dt, row_block, kTileTokens, d, true);
+  const auto& mm_values = dnn.get(onednn_matmuls::kind::values, dt, row_block, kTileTokens, d, true);
   dnnl::stream& stream = dnn.stream();
+  dnnl::memory k_packed(mm_scores.weights, dnn.engine());
+  dnnl::memory v_packed(mm_values.weights, dnn.engine());
 
   std::vector<float> q_f32(static_cast<std::size_t>(padded) * d);
   std::vector<std::uint16_t> q_bf16(bf16 ? q_f32.size() : 0);
@@ -226,7 +252,6 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
   std::vector<float> p_f32(bf16 ? 0 : s.size());
   std::vector<std::uint16_t> p_bf16(bf16 ? s.size() : 0);
   std::vector<float> k_tile(tile_elems), v_tile(tile_elems);
-  std::vector<std::uint16_t> k_bf16(bf16 ? tile_elems : 0), v_bf16(bf16 ? tile_elems : 0);
   std::vector<index_t> position(kTileTokens);
   std::vector<float> k_block, v_block;
   task_state st;
@@ -260,19 +285,14 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
       int chunk_column = kTileTokens;  // first column holding a chunk token
       index_t chunk_first = 0;         // that token's chunk index
 
-      // Rows enter the tile in its space and data type: decoded (or copied) as f32 into
-      // `k_tile`/`v_tile`, rotated if needed, and with bf16 rounded into `k_bf16`/`v_bf16`.
-      const auto land = [&](float* kr, float* vr, int rows_in, bool k_rotated, bool v_rotated,
-                            int first) noexcept {
+      // Rows enter the f32 tile (`k_tile`/`v_tile`) in its space; a reorder per tile packs it
+      // (in f32 or bf16) for the matmuls.
+      const auto land = [&](float* kr, float* vr, int rows_in, bool k_rotated,
+                            bool v_rotated) noexcept {
         for (int t = 0; t < rows_in; ++t) {
           to_space(isa, kr + static_cast<std::size_t>(t) * d, d, k_rotated, key_rot);
           to_space(isa, vr + static_cast<std::size_t>(t) * d, d, v_rotated, value_rot);
         }
-        if (!bf16) return;
-        const std::size_t at = static_cast<std::size_t>(first) * d;
-        const std::size_t n = static_cast<std::size_t>(rows_in) * d;
-        to_bf16_on(isa, kr, n, k_bf16.data() + at);
-        to_bf16_on(isa, vr, n, v_bf16.data() + at);
       };
 
       // Whole blocks waiting to be decoded into the tile, with their first row; decoded
@@ -284,7 +304,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
           float* kd = k_tile.data() + static_cast<std::size_t>(first) * d;
           float* vd = v_tile.data() + static_cast<std::size_t>(first) * d;
           const auto [kr, vr] = decode_block_on<Cache>(isa, st, e, *seg, kd, vd);
-          land(kd, vd, seg->count, kr, vr, first);
+          land(kd, vd, seg->count, kr, vr);
         });
         pending.clear();
       };
@@ -293,17 +313,17 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
         decode_pending();
         if (filled == 0) return;
         const auto pad = static_cast<std::ptrdiff_t>(filled) * d;
-        if (bf16) {
-          std::fill(k_bf16.begin() + pad, k_bf16.end(), std::uint16_t{0});
-          std::fill(v_bf16.begin() + pad, v_bf16.end(), std::uint16_t{0});
-        } else {
-          std::fill(k_tile.begin() + pad, k_tile.end(), 0.0f);
-          std::fill(v_tile.begin() + pad, v_tile.end(), 0.0f);
-        }
-        void* kp = bf16 ? static_cast<void*>(k_bf16.data()) : k_tile.data();
-        void* vp = bf16 ? static_cast<void*>(v_bf16.data()) : v_tile.data();
-        const dnnl::memory k_mem(onednn_matmuls::scores_weights(dt, kTileTokens, d), dnn.engine(), kp);
-        const dnnl::memory v_mem(onednn_matmuls::values_weights(dt, kTileTokens, d), dnn.engine(), vp);
+        std::fill(k_tile.begin() + pad, k_tile.end(), 0.0f);
+        std::fill(v_tile.begin() + pad, v_tile.end(), 0.0f);
+        dnnl::memory k_f32(onednn_matmuls::scores_weights(dnnl::memory::data_type::f32, kTileTokens, d),
+                           dnn.engine(), k_tile.data());
+        dnnl::memory v_f32(onednn_matmuls::values_weights(dnnl::memory::data_type::f32, kTileTokens, d),
+                           dnn.engine(), v_tile.data());
+        mm_scores.pack.execute(stream, k_f32, k_packed);
+        mm_values.pack.execute(stream, v_f32, v_packed);
+        stream.wait();
+        const dnnl::memory& k_mem = k_packed;
+        const dnnl::memory& v_mem = v_packed;
         const dnnl::memory s_mem(onednn_matmuls::scores_dst(row_block, kTileTokens), dnn.engine(), s.data());
         for (index_t r0 = 0; r0 < rows; r0 += row_block) {
           // Query token i sees columns [0, visible(i)).
@@ -317,7 +337,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
           void* qp = bf16 ? static_cast<void*>(q_bf16.data() + r0 * d)
                           : static_cast<void*>(q_f32.data() + r0 * d);
           const dnnl::memory q_mem(onednn_matmuls::scores_src(dt, row_block, d), dnn.engine(), qp);
-          mm_scores.execute(stream, {{DNNL_ARG_SRC, q_mem}, {DNNL_ARG_WEIGHTS, k_mem},
+          mm_scores.primitive.execute(stream, {{DNNL_ARG_SRC, q_mem}, {DNNL_ARG_WEIGHTS, k_mem},
                                      {DNNL_ARG_DST, s_mem}});
           stream.wait();
           const index_t block_rows = std::min(row_block, rows - r0);
@@ -353,7 +373,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
           void* pp = bf16 ? static_cast<void*>(p_bf16.data()) : static_cast<void*>(p_f32.data());
           const dnnl::memory p_mem(onednn_matmuls::values_src(dt, row_block, kTileTokens), dnn.engine(), pp);
           const dnnl::memory o_mem(onednn_matmuls::values_dst(row_block, d), dnn.engine(), o.data() + r0 * d);
-          mm_values.execute(stream, {{DNNL_ARG_SRC, p_mem}, {DNNL_ARG_WEIGHTS, v_mem},
+          mm_values.primitive.execute(stream, {{DNNL_ARG_SRC, p_mem}, {DNNL_ARG_WEIGHTS, v_mem},
                                      {DNNL_ARG_DST, o_mem}});
           stream.wait();
         }
@@ -367,7 +387,7 @@ void onednn_prefill(const Cache& cache, int layer, cache::seq_id seq, kv_view<co
         float* vd = v_tile.data() + static_cast<std::size_t>(filled) * d;
         std::copy(kr, kr + d, kd);
         std::copy(vr, vr + d, vd);
-        land(kd, vd, 1, k_rotated, v_rotated, filled);
+        land(kd, vd, 1, k_rotated, v_rotated);
         position[filled] = pos;
         if (chunk_index >= 0 && chunk_column == kTileTokens) {
           chunk_column = filled;
