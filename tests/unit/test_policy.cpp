@@ -543,6 +543,71 @@ TEST_CASE("the driver refuses malformed decisions before applying any", "[policy
   CHECK(cache.usage() == before);
 }
 
+TEST_CASE("a decision that might not fit the pools changes nothing", "[policy]") {
+  // Room for exactly one block in the mid tier: a decision that prunes head 1 and retiers two
+  // blocks of head 0 to mid would run out of memory at its second retier. The driver counts the
+  // blocks first, so neither the prune nor the first retier happens.
+  const std::size_t mid_block = mixed_cache(config(1, 2, 64, 4, 16), kBudget).usage().tiers[1].block_bytes;
+  p::uniform u;
+  mixed_cache cache(config(1, 2, 64, 4, 16), {.full = 1 << 21, .mid = mid_block, .low = 1 << 21},
+                    [](const c::block_request&) { return c::tier::full; });
+  const c::seq_id s = cache.create();
+  const auto k = oscar::testing::synthetic_keys(160, 2, kHeadDim, 21);
+  const auto v = oscar::testing::synthetic_values(160, 2, kHeadDim, 22);
+  feed(cache, s, 0, k, v, 0, 160);
+  REQUIRE(cache.blocks(s, 0, 0).size() == 2);
+  p::driver d(u, cache, s);
+  const auto usage = cache.usage();
+  const auto before = cache.gather(s, 0);
+
+  p::decision two;
+  two.heads.push_back({0, 1, p::action::prune});
+  two.ranges.push_back({0, 0, 4, 128, p::action::store_mid});
+  const auto err = error_from([&] { d.apply(two); });
+  REQUIRE(err.has_value());
+  CHECK(err->code() == oscar::errc::out_of_memory);
+  CHECK_THAT(err->what(), Catch::Matchers::ContainsSubstring("nothing was changed"));
+  CHECK(cache.usage() == usage);
+  CHECK_FALSE(cache.pruned(s, 0, 1));
+  const auto after = cache.gather(s, 0);
+  for (int h = 0; h < 2; ++h) {
+    CHECK(after[h].k == before[h].k);
+    CHECK(after[h].v == before[h].v);
+  }
+  CHECK(cache.blocks(s, 0, 0)[0].level == c::tier::full);
+
+  // One block fits: the same decision for one block applies whole.
+  p::decision one;
+  one.heads.push_back({0, 1, p::action::prune});
+  one.ranges.push_back({0, 0, 4, 64, p::action::store_mid});
+  d.apply(one);
+  CHECK(cache.pruned(s, 0, 1));
+  CHECK(cache.blocks(s, 0, 0)[0].level == c::tier::mid);
+  CHECK(cache.blocks(s, 0, 0)[1].level == c::tier::full);
+
+  // Retiering a block back and forth in one decision releases what it takes: mid -> low frees
+  // the mid block, so a later full -> mid fits.
+  p::decision swap;
+  swap.ranges.push_back({0, 0, 4, 64, p::action::store_low});
+  swap.ranges.push_back({0, 0, 68, 64, p::action::store_mid});
+  d.apply(swap);
+  CHECK(cache.blocks(s, 0, 0)[0].level == c::tier::low);
+  CHECK(cache.blocks(s, 0, 0)[1].level == c::tier::mid);
+
+  // A compaction whose importance does not match the tokens left after the decision's
+  // evictions is refused before the evictions run.
+  const index_t n = cache.tokens(s, 0, 0);
+  p::decision compaction;
+  compaction.ranges.push_back({0, 0, 10, 5, p::action::evict});
+  compaction.compactions.push_back({0, 0, std::vector<float>(static_cast<std::size_t>(n), 1.0f)});
+  CHECK_THAT(error_from([&] { d.apply(compaction); })->what(),
+             Catch::Matchers::ContainsSubstring("one per token left after the decision's evictions"));
+  CHECK(cache.tokens(s, 0, 0) == n);
+  compaction.compactions[0].importance.resize(static_cast<std::size_t>(n - 5));
+  d.apply(compaction);
+  CHECK(cache.tokens(s, 0, 0) == n - 5);
+}
+
 TEST_CASE("policy traits and the concept", "[policy]") {
   static_assert(p::cache_policy<p::uniform>);
   static_assert(p::cache_policy<p::streaming>);

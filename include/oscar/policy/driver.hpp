@@ -23,6 +23,8 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstddef>
 #include <span>
 #include <utility>
@@ -156,8 +158,9 @@ class driver {
   }
 
   /// Applies a decision (what the hooks' results go through; public for engines and tests).
-  /// Every action is validated before any is applied; a cache error while applying
-  /// (`out_of_memory` of a retier) leaves the actions before it applied.
+  /// Every action is validated, and the blocks the decision may need are counted against the
+  /// pools' free blocks, before any is applied: a decision that is malformed or might not fit
+  /// throws (`invalid_argument`, `non_finite` or `out_of_memory`) and changes nothing.
   void apply(const decision& d) {
     const auto& cfg = cache_.config();
     std::vector<index_t> tokens(scores_.size());
@@ -188,6 +191,8 @@ class driver {
                   ") is not allowed (allowed: heads that are not pruned)");
     }
     for (const compact_action& c : d.compactions) check_head(c.layer, c.head);
+    check_compactions(d, tokens);
+    check_fits(d);
 
     // Head actions.
     for (const head_action& a : d.heads) {
@@ -237,11 +242,7 @@ class driver {
       importance::token_scores& s = scores_[index(c.layer, c.head)];
       const index_t n = cache_.tokens(seq_, c.layer, c.head);
       std::vector<float> weights = c.importance;
-      if (weights.empty()) {
-        OSCAR_CHECK(s.size() == n, errc::invalid_argument,
-                    "a compaction without importance is not allowed here (allowed: with "
-                    "importance, or for a policy that needs_attention_stats, whose scores the "
-                    "driver keeps)");
+      if (weights.empty()) {  // check_compactions made sure the scores are in step
         for (double x : s.normalized()) weights.push_back(static_cast<float>(x));
       }
       const std::vector<index_t> order = cache_.compact(seq_, c.layer, c.head, weights);
@@ -349,6 +350,114 @@ class driver {
 
   [[nodiscard]] std::size_t index(int layer, int head) const noexcept {
     return static_cast<std::size_t>(layer) * cache_.config().kv_heads + head;
+  }
+
+  /// A compaction runs after the decision's prunes and evictions; its importance must have one
+  /// finite weight per token left then, or, when empty, the driver's scores must still be in
+  /// step with the head (a policy that needs_attention_stats keeps them through evictions).
+  void check_compactions(const decision& d, const std::vector<index_t>& tokens) const {
+    std::vector<index_t> left = tokens;
+    std::vector<std::vector<index_t>> evicted(scores_.size());
+    for (const range_action& r : d.ranges) {
+      if (r.what != action::evict) continue;
+      for (index_t p = r.first; p < r.first + r.count; ++p) evicted[index(r.layer, r.head)].push_back(p);
+    }
+    for (std::size_t i = 0; i < evicted.size(); ++i) {
+      std::sort(evicted[i].begin(), evicted[i].end());
+      left[i] -= static_cast<index_t>(std::unique(evicted[i].begin(), evicted[i].end()) - evicted[i].begin());
+    }
+    std::vector<bool> pruned_now(scores_.size(), false);
+    for (const head_action& a : d.heads) pruned_now[index(a.layer, a.head)] = true;
+    for (const compact_action& c : d.compactions) {
+      const std::size_t i = index(c.layer, c.head);
+      if (pruned_now[i] || cache_.pruned(seq_, c.layer, c.head)) continue;  // apply skips them
+      if (c.importance.empty()) {  // apply's evictions follow or reset the scores
+        const index_t removed = tokens[i] - left[i];
+        const index_t scored = scores_[i].size();
+        const index_t kept = removed == 0 ? scored : traits::needs_attention_stats ? scored - removed : 0;
+        OSCAR_CHECK(kept == left[i],
+                    errc::invalid_argument, "a compaction of head (", c.layer, ", ", c.head,
+                    ") without importance is not allowed here (allowed: with importance, or "
+                    "for a policy that needs_attention_stats, whose scores the driver keeps)");
+        continue;
+      }
+      OSCAR_CHECK(static_cast<index_t>(c.importance.size()) == left[i], errc::invalid_argument,
+                  "a compaction of head (", c.layer, ", ", c.head, ") with ",
+                  c.importance.size(), " importances is not allowed (allowed: one per token "
+                  "left after the decision's evictions, ", left[i], ")");
+      for (std::size_t t = 0; t < c.importance.size(); ++t) {
+        OSCAR_CHECK(std::isfinite(c.importance[t]), errc::non_finite, "importance[", t,
+                    "] = ", c.importance[t], " of the compaction of head (", c.layer, ", ",
+                    c.head, ") is not allowed (allowed: finite values)");
+      }
+    }
+  }
+
+  /// Replays `apply`'s block traffic on the pools' free counts: a prune releases the blocks
+  /// the head alone holds, a retier takes one block of its target tier and releases the old
+  /// one when no fork shares it, and a compaction may need a new block for each shared block
+  /// it keeps (the cache reuses blocks the head alone holds; the bound counts every shared one).
+  /// Evictions only release blocks; leaving them out keeps the count an upper bound. Throws
+  /// `out_of_memory` when a step could find its tier's pool empty.
+  void check_fits(const decision& d) const {
+    std::array<std::size_t, cache::tier_count> free{};
+    for (int t = 0; t < cache::tier_count; ++t) free[t] = cache_.pool(static_cast<cache::tier>(t)).free_blocks();
+    struct slot_state {
+      cache::tier level;
+      bool shared;
+    };
+    std::vector<std::vector<slot_state>> slots(scores_.size());
+    std::vector<bool> pruned(scores_.size(), false);
+    const auto& cfg = cache_.config();
+    for (int l = 0; l < cfg.layers; ++l) {
+      for (int h = 0; h < cfg.kv_heads; ++h) {
+        pruned[index(l, h)] = cache_.pruned(seq_, l, h);
+        for (const cache::block_slot& b : cache_.blocks(seq_, l, h))
+          slots[index(l, h)].push_back({b.level, cache_.pool(b.level).shared(b.id)});
+      }
+    }
+    const auto take = [&](cache::tier t, std::size_t n, const char* what) {
+      const auto ti = static_cast<int>(t);
+      OSCAR_CHECK(n <= free[ti], errc::out_of_memory, "the decision's ", what, " may need ", n,
+                  " more block(s) of tier ", cache::to_string(t), " where ", free[ti],
+                  " would be free then (pool capacity ", cache_.pool(t).capacity(),
+                  "); nothing was changed (evict more, store lower, or free sequences)");
+      free[ti] -= n;
+    };
+    for (const head_action& a : d.heads) {
+      const std::size_t i = index(a.layer, a.head);
+      if (pruned[i]) continue;
+      for (const slot_state& b : slots[i]) free[static_cast<int>(b.level)] += b.shared ? 0 : 1;
+      slots[i].clear();
+      pruned[i] = true;
+    }
+    for (const range_action& r : d.ranges) {
+      const std::size_t i = index(r.layer, r.head);
+      if (r.what == action::evict || r.count == 0 || pruned[i]) continue;
+      const auto blocks = cache_.blocks(seq_, r.layer, r.head);
+      index_t pos = static_cast<index_t>(cache_.view(seq_, r.layer, r.head).sink_k.size()) / cfg.head_dim;
+      for (std::size_t s = 0; s < blocks.size(); ++s) {
+        const auto valid = static_cast<index_t>(blocks[s].valid.count());
+        slot_state& b = slots[i][s];
+        if (pos < r.first + r.count && r.first < pos + valid && b.level != tier_of(r.what)) {
+          take(tier_of(r.what), 1, "retiers");
+          free[static_cast<int>(b.level)] += b.shared ? 0 : 1;
+          b = {tier_of(r.what), false};
+        }
+        pos += valid;
+      }
+    }
+    for (const compact_action& c : d.compactions) {
+      const std::size_t i = index(c.layer, c.head);
+      if (pruned[i]) continue;
+      std::array<std::size_t, cache::tier_count> shared{};
+      for (slot_state& b : slots[i]) {
+        if (!b.shared) continue;
+        ++shared[static_cast<int>(b.level)];
+        b.shared = false;  // a compaction leaves the head's blocks its own
+      }
+      for (int t = 0; t < cache::tier_count; ++t) take(static_cast<cache::tier>(t), shared[t], "compactions");
+    }
   }
 
   static std::array<double, cache::tier_count> tier_bits() {
