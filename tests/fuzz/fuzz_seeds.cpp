@@ -101,6 +101,7 @@ int main(int argc, char** argv) {
     // Enough tokens for blocks in all three tiers in every head.
     seeds_for<oscar_fuzz::per_token_cache>(dir, "per-token", oscar_fuzz::per_token_config(), 56);
     seeds_for<oscar_fuzz::kivi_cache>(dir, "kivi", oscar_fuzz::kivi_config(), 3 * 32 + 8);
+    seeds_for<oscar_fuzz::default_cache>(dir, "fp2plus", oscar_fuzz::default_config(), 3 * 128 + 8);
     std::printf("oscar-fuzz-seeds: %d seeds\n", written);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "oscar-fuzz-seeds: %s\n", e.what());

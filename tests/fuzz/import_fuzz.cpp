@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // libFuzzer target for oscar::cache::deserialize, which must treat its bytes as untrusted.
 //
-// Each input is imported into two small caches (fuzz_caches.hpp) twice: as it is (the header,
+// Each input is imported into three small caches (fuzz_caches.hpp) twice: as it is (the header,
 // size and checksum checks), and with payload_bytes and the checksum rewritten to match, so
 // that mutations reach the payload's checks. The oracles, beyond ASan and UBSan:
 //   - a refusal is oscar::error with corrupt_data or out_of_memory, and leaves usage() as it was;
@@ -123,10 +123,12 @@ void store(std::vector<std::byte>& b, std::size_t at, U v) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static oscar_fuzz::per_token_cache per_token(oscar_fuzz::per_token_config(), oscar_fuzz::budget);
   static oscar_fuzz::kivi_cache kivi(oscar_fuzz::kivi_config(), oscar_fuzz::budget);
+  static oscar_fuzz::default_cache fp2plus(oscar_fuzz::default_config(), oscar_fuzz::budget);
 
   const std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);
   try_import(per_token, bytes);
   try_import(kivi, bytes);
+  try_import(fp2plus, bytes);
 
   if (size >= serial_header_bytes) {
     std::vector<std::byte> sealed(bytes.begin(), bytes.end());
@@ -135,6 +137,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     store<std::uint64_t>(sealed, 24, oscar::cache::detail::fnv1a64(payload));
     try_import(per_token, sealed);
     try_import(kivi, sealed);
+    try_import(fp2plus, sealed);
   }
   return 0;
 }
