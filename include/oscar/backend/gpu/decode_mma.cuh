@@ -66,6 +66,20 @@ struct device_warp {
     return p;
 #endif
   }
+  /// Orders the lanes' shared-memory accesses (a warp barrier).
+  OSCAR_HD_INLINE void sync() const noexcept {
+#if defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+  }
+  /// `*p += v` in shared memory, atomically.
+  OSCAR_HD_INLINE void atomic_add(float* p, float v) const noexcept {
+#if defined(__CUDA_ARCH__)
+    atomicAdd(p, v);
+#else
+    *p += v;
+#endif
+  }
   OSCAR_HD_INLINE std::uint32_t movmatrix(std::uint32_t a) const noexcept {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     std::uint32_t d;
