@@ -72,8 +72,8 @@ struct device_warp {
     __syncwarp();
 #endif
   }
-  /// `*p += v` in shared memory, atomically.
-  OSCAR_HD_INLINE void atomic_add(float* p, float v) const noexcept {
+  /// `*p += v` in shared memory, atomically (a native shared-memory atomic).
+  OSCAR_HD_INLINE void atomic_add(std::int32_t* p, std::int32_t v) const noexcept {
 #if defined(__CUDA_ARCH__)
     atomicAdd(p, v);
 #else

@@ -23,7 +23,8 @@
 ///   MMAs. The biases sum_c q z and sum_c (q s) come from MMAs with A = ones, once per record.
 /// - outliers (3 per channel and record, kept exactly in fp16): q_c (x - z - s L(code)) is added
 ///   to the token's logit through a per-warp correction table in shared memory, filled once per
-///   record (one entry per outlier and query) before the logits are read.
+///   record with integer atomics (32-bit fixed point scaled to the record) before the logits
+///   are read.
 /// - values, v = s L(code) with an e4m3 scale s per token and 64 channels:
 ///   sum_t P v = (l1 - l0) / 2 (sum P s A0 - sum P s) - (l1 + l0) / 2 sum P s A1; B = P s in
 ///   fp16 (shared by both planes), sum P s and the softmax sum sum P from one MMA per step, as in
@@ -82,6 +83,24 @@ OSCAR_HD_INLINE float f16_to_f32(std::uint16_t h) noexcept {
 #endif
 }
 
+/// The larger of two floats that are not NaN (one FMNMX on the device).
+OSCAR_HD_INLINE float fmax2(float a, float b) noexcept {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+/// `v` rounded to the nearest integer (|v| < 2^31).
+OSCAR_HD_INLINE std::int32_t to_fixed(float v) noexcept {
+#if defined(__CUDA_ARCH__)
+  return __float2int_rn(v);
+#else
+  return static_cast<std::int32_t>(__builtin_nearbyintf(v));
+#endif
+}
+
 /// The little-endian 16-bit word at `p` (2-byte aligned).
 OSCAR_HD_INLINE std::uint16_t load_u16(const std::uint8_t* p) noexcept {
 #if defined(__CUDA_ARCH__)
@@ -134,7 +153,7 @@ struct warp_state {
   /// (the rounding error of hi * s then joins the lo product); else the lo part.
   std::uint32_t* y;
   const float* qf;  ///< [QPT][D]: the scaled queries in fp32 (outlier corrections)
-  float* corr;      ///< [record_tokens][QPT]: per-record logit corrections (outliers)
+  std::int32_t* corr;  ///< [record_tokens][QPT]: per-record logit corrections (outliers), fixed point
   float qscale[2];  ///< 2^e of the queries of columns 2t, 2t+1 (logit = S * qscale)
   float m[2];       ///< running max (log2 units) of columns 2t, 2t+1
   float o0[ks][4];  ///< sum P s A0, per 16-channel tile (O^T fragments)
@@ -154,7 +173,8 @@ OSCAR_HD_INLINE constexpr int column_query(int col) noexcept {
 /// in fp32 ([QPT][D], each element written by one lane); `corr` is the warp's correction table.
 template <int D, int QPT, class Warp>
 OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D, QPT>& st, const float* q_row,
-                                  float scale_log2, std::uint32_t* y, float* qf_out, float* corr) {
+                                  float scale_log2, std::uint32_t* y, float* qf_out,
+                                  std::int32_t* corr) {
   constexpr int ks = D / 16;
   const int lane = w.lane(), g = lane >> 2, t = lane & 3;
   float qf[ks][4];
@@ -242,10 +262,10 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
   // Clear the correction table (the previous record's readers are past the caller's barrier).
 #if defined(__CUDA_ARCH__)
   for (int i = lane; i < record_tokens * QPT / 4; i += 32) {
-    reinterpret_cast<float4*>(st.corr)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    reinterpret_cast<int4*>(st.corr)[i] = make_int4(0, 0, 0, 0);
   }
 #else
-  for (int i = lane; i < record_tokens * QPT; i += 32) st.corr[i] = 0.0f;
+  for (int i = lane; i < record_tokens * QPT; i += 32) st.corr[i] = 0;
 #endif
   w.sync();
 
@@ -290,8 +310,16 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
     minus_bs[i] = -(bs[0][i] + bs[1][i]);
   }
 
-  // Outliers: lane L corrects the outliers of channels L, L + 32, ...; a later slot with the
-  // same token replaces an earlier one (as the decoder does), an index >= 128 is ignored.
+  // Outliers: lane L computes the corrections q (x - z - s L(code)) of the outliers of channels
+  // L, L + 32, ...; a later slot with the same token replaces an earlier one (as the decoder
+  // does), an index >= 128 is ignored. They are summed per token and query in 32-bit fixed
+  // point, units of 2^-f with f chosen so that the sum of all |q delta| of the record (below
+  // sum |delta|, as |q| < 1) stays under 2^30: integer atomics are native on shared memory and
+  // exact, float ones a compare-and-swap loop.
+  constexpr int per_lane = D / 32 * outliers;
+  float delta[per_lane];
+  int target[per_lane];  // token, or -1
+  float bound = 0.0f;
   OSCAR_UNROLL
   for (int i = 0; i < D / 32; ++i) {
     const int c = lane + 32 * i;
@@ -302,28 +330,43 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
     int index[outliers];
     OSCAR_UNROLL
     for (int k = 0; k < outliers; ++k) index[k] = rec[geo.outlier_index + (i * outliers + k) * 32 + lane];
-    float qc[QPT];  // the tile's queries at channel c
-    OSCAR_UNROLL
-    for (int j = 0; j < QPT; ++j) qc[j] = st.qf[j * D + c];
     OSCAR_UNROLL
     for (int k = 0; k < outliers; ++k) {
       bool live = index[k] < record_tokens;
       OSCAR_UNROLL
       for (int k2 = k + 1; k2 < outliers; ++k2) live = live && index[k2] != index[k];
-      if (!live) continue;
       const int n = (i * outliers + k) * 32 + lane;
       const float x = f16_to_f32(load_u16(rec + geo.outlier_values + 2 * n));
       // The code stored at (token, c): its lane, word and bit in the key code section.
-      const int token = index[k], row = token & 15;
+      const int token = live ? index[k] : 0, row = token & 15;
       const int src_lane = 4 * (row & 7) + ((cc & 7) >> 1);
       const int reg = 2 * (cc >> 3) + (row >> 3);
       std::uint32_t word[1];
       load_words<1>(rec + geo.key_codes + (((token >> 4) * 32 + src_lane) * wpl + (kk >> 1)) * 4, word);
       const int code = static_cast<int>(word[0] >> code_bit(kk & 1, reg, cc & 1)) & 3;
       const float level = code == 0 ? -key_l1 : code == 1 ? -key_l0 : code == 2 ? key_l0 : key_l1;
-      const float delta = x - dequant_rn(s, level, z);
+      const float d = live ? x - dequant_rn(s, level, z) : 0.0f;
+      delta[i * outliers + k] = d;
+      target[i * outliers + k] = live ? token : -1;
+      bound += d < 0.0f ? -d : d;
+    }
+  }
+  OSCAR_UNROLL
+  for (int mask = 1; mask <= 16; mask <<= 1) bound += w.shfl_xor(bound, mask);
+  int f = bound > 0.0f ? 30 - (mma::exponent_of(bound) + 1) : 0;
+  f = f < -100 ? -100 : f > 100 ? 100 : f;
+  const float to_units = mma::pow2(f), from_units = mma::pow2(-f);
+  OSCAR_UNROLL
+  for (int i = 0; i < D / 32; ++i) {
+    float qc[QPT];  // the tile's queries at channel c, in units
+    OSCAR_UNROLL
+    for (int j = 0; j < QPT; ++j) qc[j] = st.qf[j * D + lane + 32 * i] * to_units;
+    OSCAR_UNROLL
+    for (int k = 0; k < outliers; ++k) {
+      const int e = i * outliers + k;
+      if (target[e] < 0) continue;
       OSCAR_UNROLL
-      for (int j = 0; j < QPT; ++j) w.atomic_add(st.corr + token * QPT + j, qc[j] * delta);
+      for (int j = 0; j < QPT; ++j) w.atomic_add(st.corr + target[e] * QPT + j, to_fixed(qc[j] * delta[e]));
     }
   }
   w.sync();
@@ -365,7 +408,8 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
       OSCAR_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int token = 16 * s + g + 8 * (i >> 1);
-        z[si][i] = (pre[i] + st.corr[token * QPT + j0 + (i & 1)]) * st.qscale[i & 1];
+        const auto units = static_cast<float>(st.corr[token * QPT + j0 + (i & 1)]);
+        z[si][i] = (pre[i] + units * from_units) * st.qscale[i & 1];
       }
     }
 
@@ -374,14 +418,13 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
     OSCAR_UNROLL
     for (int si = 0; si < 4; ++si) {
       OSCAR_UNROLL
-      for (int i = 0; i < 4; ++i) mx[i & 1] = z[si][i] > mx[i & 1] ? z[si][i] : mx[i & 1];
+      for (int i = 0; i < 4; ++i) mx[i & 1] = fmax2(mx[i & 1], z[si][i]);
     }
     OSCAR_UNROLL
     for (int c = 0; c < 2; ++c) {
       OSCAR_UNROLL
       for (int mask = 4; mask <= 16; mask <<= 1) {
-        const float o = w.shfl_xor(mx[c], mask);
-        mx[c] = o > mx[c] ? o : mx[c];
+        mx[c] = fmax2(mx[c], w.shfl_xor(mx[c], mask));
       }
     }
     const float alpha[2] = {mma::fast_exp2(st.m[0] - mx[0]), mma::fast_exp2(st.m[1] - mx[1])};
