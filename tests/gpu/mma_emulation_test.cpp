@@ -279,7 +279,7 @@ result run_lm_case(int group, int records, std::uint32_t seed, bool corrupt) {
   std::vector<float> out_m(8, std::numeric_limits<float>::quiet_NaN()), out_l(out_m);
   std::vector<std::uint32_t> y(static_cast<std::size_t>(D / 16) * 2 * 32);
   std::vector<float> qf(static_cast<std::size_t>(QPT) * D);
-  std::vector<std::int32_t> corr(static_cast<std::size_t>(lm::record_tokens) * QPT);
+  std::vector<std::int32_t> corr(static_cast<std::size_t>(lm::corr_entries(QPT)));
   emulation::run_warp([&](emulation::warp& w) {
     const int g = w.lane() >> 2, t = w.lane() & 3;
     const int jq = lm::column_query<QPT>(g);

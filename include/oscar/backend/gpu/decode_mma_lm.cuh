@@ -42,7 +42,7 @@ inline constexpr int mma_lm_stages = 2;
 /// of its queries.
 OSCAR_HD_INLINE constexpr std::size_t mma_lm_warp_bytes(int d, int qpt) {
   return static_cast<std::size_t>(mma_lm_stages) * mma_lm::geometry_for(d).bytes +
-         static_cast<std::size_t>(mma_lm::record_tokens) * qpt * sizeof(std::int32_t) +
+         static_cast<std::size_t>(mma_lm::corr_entries(qpt)) * sizeof(std::int32_t) +
          static_cast<std::size_t>(d / 16) * 2 * 32 * sizeof(std::uint32_t);
 }
 
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(mma_warps * 32, 2) decode_mma_lm_kernel(decode
   const int last = static_cast<int>(static_cast<std::int64_t>(records) * (gw + 1) / warps);
   unsigned char* area = mma_lm_smem + static_cast<std::size_t>(warp) * mma_lm_warp_bytes(D, QPT);
   auto* corr = reinterpret_cast<std::int32_t*>(area + mma_lm_stages * geo.bytes);
-  auto* y = reinterpret_cast<std::uint32_t*>(corr + mma_lm::record_tokens * QPT);
+  auto* y = reinterpret_cast<std::uint32_t*>(corr + mma_lm::corr_entries(QPT));
   auto* qf = reinterpret_cast<float*>(mma_lm_smem + static_cast<std::size_t>(mma_warps) *
                                                         mma_lm_warp_bytes(D, QPT));
   const std::int32_t* table = cache.tables + e * cache.max_blocks;

@@ -140,6 +140,14 @@ OSCAR_HD_INLINE void load_words(const std::uint8_t* p, std::uint32_t (&w)[N]) no
 
 // ---- one warp's attention over records ---------------------------------------------------------
 
+/// Row stride (in entries) of the outlier correction table `[QPT][corr_stride]`: one row per
+/// query, one entry per token, padded by 8 so that the four rows a warp reads in one step and
+/// the tokens an atomic scatters to spread over the 32 banks.
+inline constexpr int corr_stride = record_tokens + 8;
+
+/// Entries of the correction table of a `qpt`-query tile.
+OSCAR_HD_INLINE constexpr int corr_entries(int qpt) noexcept { return qpt * corr_stride; }
+
 /// What one lane keeps between records. `QPT`: query heads per tile, 4 (lo parts of q in the
 /// spare MMA columns) or 8.
 template <int D, int QPT>
@@ -153,7 +161,7 @@ struct warp_state {
   /// (the rounding error of hi * s then joins the lo product); else the lo part.
   std::uint32_t* y;
   const float* qf;  ///< [QPT][D]: the scaled queries in fp32 (outlier corrections)
-  std::int32_t* corr;  ///< [record_tokens][QPT]: per-record logit corrections (outliers), fixed point
+  std::int32_t* corr;  ///< [QPT][corr_stride]: per-record logit corrections (outliers), fixed point
   float qscale[2];  ///< 2^e of the queries of columns 2t, 2t+1 (logit = S * qscale)
   float m[2];       ///< running max (log2 units) of columns 2t, 2t+1
   float o0[ks][4];  ///< sum P s A0, per 16-channel tile (O^T fragments)
@@ -170,7 +178,8 @@ OSCAR_HD_INLINE constexpr int column_query(int col) noexcept {
 /// Loads the query of this lane's column (`q_row`, or nullptr for padding columns beyond the
 /// group) and resets the state. `scale_log2` = softmax scale * log2(e). `y` receives the
 /// lanes' second parts (`ks * 2 * 32` words); `qf_out`, when not null, the tile's scaled queries
-/// in fp32 ([QPT][D], each element written by one lane); `corr` is the warp's correction table.
+/// in fp32 ([QPT][D], each element written by one lane); `corr` is the warp's correction table
+/// (`corr_entries(QPT)` entries).
 template <int D, int QPT, class Warp>
 OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D, QPT>& st, const float* q_row,
                                   float scale_log2, std::uint32_t* y, float* qf_out,
@@ -261,11 +270,11 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
 
   // Clear the correction table (the previous record's readers are past the caller's barrier).
 #if defined(__CUDA_ARCH__)
-  for (int i = lane; i < record_tokens * QPT / 4; i += 32) {
+  for (int i = lane; i < corr_entries(QPT) / 4; i += 32) {
     reinterpret_cast<int4*>(st.corr)[i] = make_int4(0, 0, 0, 0);
   }
 #else
-  for (int i = lane; i < record_tokens * QPT; i += 32) st.corr[i] = 0;
+  for (int i = lane; i < corr_entries(QPT); i += 32) st.corr[i] = 0;
 #endif
   w.sync();
 
@@ -366,7 +375,7 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
       const int e = i * outliers + k;
       if (target[e] < 0) continue;
       OSCAR_UNROLL
-      for (int j = 0; j < QPT; ++j) w.atomic_add(st.corr + target[e] * QPT + j, to_fixed(qc[j] * delta[e]));
+      for (int j = 0; j < QPT; ++j) w.atomic_add(st.corr + j * corr_stride + target[e], to_fixed(qc[j] * delta[e]));
     }
   }
   w.sync();
@@ -408,7 +417,7 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
       OSCAR_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int token = 16 * s + g + 8 * (i >> 1);
-        const auto units = static_cast<float>(st.corr[token * QPT + j0 + (i & 1)]);
+        const auto units = static_cast<float>(st.corr[(j0 + (i & 1)) * corr_stride + token]);
         z[si][i] = (pre[i] + units * from_units) * st.qscale[i & 1];
       }
     }
