@@ -49,6 +49,59 @@ struct result {
   bool finite = true;
 };
 
+/// softmax(scale_log2 q.k) v per query in float64 (log2 units, as the kernels): the output, the
+/// softmax sum relative to the max, and the max. `kref`, `vref`: [tokens][d] decoded keys and
+/// values; `query`: [group][d].
+struct reference {
+  std::vector<double> o, l, m;
+};
+reference attend_reference(const std::vector<float>& query, int group, const std::vector<float>& kref,
+                           const std::vector<float>& vref, int tokens, int d, float scale_log2) {
+  reference ref{std::vector<double>(static_cast<std::size_t>(group) * d), std::vector<double>(group),
+                std::vector<double>(group)};
+  for (int j = 0; j < group; ++j) {
+    std::vector<double> z(tokens);
+    double mx = -1e300;
+    for (int t = 0; t < tokens; ++t) {
+      double s = 0.0;
+      for (int c = 0; c < d; ++c) s += double(query[j * d + c]) * kref[t * d + c];
+      z[t] = double(scale_log2) * s;
+      mx = std::max(mx, z[t]);
+    }
+    double l = 0.0;
+    for (int t = 0; t < tokens; ++t) {
+      const double p = std::exp2(z[t] - mx);
+      l += p;
+      for (int c = 0; c < d; ++c) ref.o[j * d + c] += p * vref[t * d + c];
+    }
+    for (int c = 0; c < d; ++c) ref.o[j * d + c] /= l;
+    ref.l[j] = l;
+    ref.m[j] = mx;
+  }
+  return ref;
+}
+
+/// The emulated warp's result (`out` [8][d] unnormalized, `out_m`, `out_l` per MMA column)
+/// against the reference, for queries 0 .. group - 1.
+result compare(const std::vector<float>& out, const std::vector<float>& out_m,
+               const std::vector<float>& out_l, const reference& ref, int group, int d) {
+  result res;
+  for (int j = 0; j < group; ++j) {
+    double err = 0.0, norm = 0.0;
+    for (int c = 0; c < d; ++c) {
+      const double x = double(out[j * d + c]) / out_l[j];
+      if (!std::isfinite(x)) res.finite = false;
+      err += (x - ref.o[j * d + c]) * (x - ref.o[j * d + c]);
+      norm += ref.o[j * d + c] * ref.o[j * d + c];
+    }
+    res.max_rel = std::max(res.max_rel, std::sqrt(err / norm));
+    // The kernel's l is relative to its own max m; rescale to the reference's max.
+    const double l_kernel = double(out_l[j]) * std::exp2(double(out_m[j]) - ref.m[j]);
+    res.max_l_rel = std::max(res.max_l_rel, std::abs(l_kernel - ref.l[j]) / ref.l[j]);
+  }
+  return res;
+}
+
 template <int D, bool Exact>
 result run_case(int group, int records, std::uint32_t seed) {
   std::mt19937 rng(seed);
@@ -99,26 +152,7 @@ result run_case(int group, int records, std::uint32_t seed) {
   for (float& x : query) x = normal(rng);
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
 
-  // Reference in float64.
-  std::vector<double> ref(static_cast<std::size_t>(group) * D), ref_l(group);
-  for (int j = 0; j < group; ++j) {
-    std::vector<double> z(tokens);
-    double mx = -1e300;
-    for (int t = 0; t < tokens; ++t) {
-      double s = 0.0;
-      for (int c = 0; c < D; ++c) s += double(query[j * D + c]) * kref[t * D + c];
-      z[t] = double(scale_log2) * s;
-      mx = std::max(mx, z[t]);
-    }
-    double l = 0.0;
-    for (int t = 0; t < tokens; ++t) {
-      const double p = std::exp2(z[t] - mx);
-      l += p;
-      for (int c = 0; c < D; ++c) ref[j * D + c] += p * vref[t * D + c];
-    }
-    for (int c = 0; c < D; ++c) ref[j * D + c] /= l;
-    ref_l[j] = l;  // relative to the max, like the kernel's l with its m
-  }
+  const reference ref = attend_reference(query, group, kref, vref, tokens, D, scale_log2);
 
   // Emulated warp.
   std::vector<float> out(static_cast<std::size_t>(8) * D, std::numeric_limits<float>::quiet_NaN());
@@ -144,27 +178,7 @@ result run_case(int group, int records, std::uint32_t seed) {
     }
   });
 
-  result res;
-  for (int j = 0; j < group; ++j) {
-    double err = 0.0, norm = 0.0;
-    for (int c = 0; c < D; ++c) {
-      const double x = double(out[j * D + c]) / out_l[j];
-      if (!std::isfinite(x)) res.finite = false;
-      err += (x - ref[j * D + c]) * (x - ref[j * D + c]);
-      norm += ref[j * D + c] * ref[j * D + c];
-    }
-    res.max_rel = std::max(res.max_rel, std::sqrt(err / norm));
-    // The kernel's l is relative to its own max m; rescale to the reference's max.
-    double mx = -1e300;
-    for (int t = 0; t < tokens; ++t) {
-      double s = 0.0;
-      for (int c = 0; c < D; ++c) s += double(query[j * D + c]) * kref[t * D + c];
-      mx = std::max(mx, double(scale_log2) * s);
-    }
-    const double l_kernel = double(out_l[j]) * std::exp2(double(out_m[j]) - mx);
-    res.max_l_rel = std::max(res.max_l_rel, std::abs(l_kernel - ref_l[j]) / ref_l[j]);
-  }
-  return res;
+  return compare(out, out_m, out_l, ref, group, D);
 }
 
 // ---- the default FP2+ (128-token records, mma_core_lm.hpp) ----------------------------------------
@@ -253,27 +267,7 @@ result run_lm_case(int group, int records, std::uint32_t seed, bool corrupt) {
   for (float& x : query) x = 2.0f * normal(rng);
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
 
-  std::vector<double> ref(static_cast<std::size_t>(group) * D), ref_l(group);
-  std::vector<double> ref_m(group);
-  for (int j = 0; j < group; ++j) {
-    std::vector<double> z(tokens);
-    double mx = -1e300;
-    for (int t = 0; t < tokens; ++t) {
-      double s = 0.0;
-      for (int c = 0; c < D; ++c) s += double(query[j * D + c]) * kref[t * D + c];
-      z[t] = double(scale_log2) * s;
-      mx = std::max(mx, z[t]);
-    }
-    double l = 0.0;
-    for (int t = 0; t < tokens; ++t) {
-      const double p = std::exp2(z[t] - mx);
-      l += p;
-      for (int c = 0; c < D; ++c) ref[j * D + c] += p * vref[t * D + c];
-    }
-    for (int c = 0; c < D; ++c) ref[j * D + c] /= l;
-    ref_l[j] = l;
-    ref_m[j] = mx;
-  }
+  const reference ref = attend_reference(query, group, kref, vref, tokens, D, scale_log2);
 
   std::vector<float> out(static_cast<std::size_t>(8) * D, std::numeric_limits<float>::quiet_NaN());
   std::vector<float> out_m(8, std::numeric_limits<float>::quiet_NaN()), out_l(out_m);
@@ -307,19 +301,7 @@ result run_lm_case(int group, int records, std::uint32_t seed, bool corrupt) {
     }
   });
 
-  result res;
-  for (int j = 0; j < group; ++j) {
-    double err = 0.0, norm = 0.0;
-    for (int c = 0; c < D; ++c) {
-      const double x = double(out[j * D + c]) / out_l[j];
-      if (!std::isfinite(x)) res.finite = false;
-      err += (x - ref[j * D + c]) * (x - ref[j * D + c]);
-      norm += ref[j * D + c] * ref[j * D + c];
-    }
-    res.max_rel = std::max(res.max_rel, std::sqrt(err / norm));
-    const double l_kernel = double(out_l[j]) * std::exp2(double(out_m[j]) - ref_m[j]);
-    res.max_l_rel = std::max(res.max_l_rel, std::abs(l_kernel - ref_l[j]) / ref_l[j]);
-  }
+  result res = compare(out, out_m, out_l, ref, group, D);
   if (QPT == 4) {  // columns 4-7 repeat queries 0-3
     for (int j = 0; j < group; ++j) {
       for (int c = 0; c < D; ++c) {

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(mma_warps * 32, 2) decode_mma_lm_kernel(decode
   constexpr int ks = D / 16;
   const paged_kv_view<KV>& cache = prm.cache;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) & 31;
-  const int g = lane >> 2, t = lane & 3, G = prm.group;
+  const int g = lane >> 2, G = prm.group;
   const std::int64_t e = cache.entry(prm.slots[b], prm.layer, h);
   const entry_state<KV> st = cache.entries[e];
   const int records = st.tokens / mma_lm::record_tokens;
@@ -138,42 +138,7 @@ __global__ void __launch_bounds__(mma_warps * 32, 2) decode_mma_lm_kernel(decode
   if constexpr (requires { st.value.scale_exponent; }) factor = mma::pow2(st.value.scale_exponent);
   mma_lm::warp_end<D, QPT>(w, ws, factor, V::level(2), V::level(3), o, m, l);
 
-  // Merge the block's warps: [warp][column 0..7][D + 2] floats.
-  __syncthreads();  // the rings are free now
-  float* merge = reinterpret_cast<float*>(mma_lm_smem);
-  float* mine = merge + static_cast<std::size_t>(warp) * 8 * (D + 2);
-  for (int tile = 0; tile < ks; ++tile) {
-    for (int i = 0; i < 4; ++i) {
-      const int j = 2 * t + (i & 1), c = 16 * tile + g + 8 * (i >> 1);
-      mine[j * (D + 2) + c] = o[tile][i];
-    }
-  }
-  if (g == 0) {
-    for (int c = 0; c < 2; ++c) {
-      mine[(2 * t + c) * (D + 2) + D] = m[c];
-      mine[(2 * t + c) * (D + 2) + D + 1] = l[c];
-    }
-  }
-  __syncthreads();
-  const int tile_queries = G - j0 < QPT ? G - j0 : QPT;
-  for (int i = static_cast<int>(threadIdx.x); i < tile_queries * D; i += mma_warps * 32) {
-    const int jl = i / D, c = i % D, j = j0 + jl;
-    float mx = -__builtin_huge_valf();
-    for (int v = 0; v < mma_warps; ++v) mx = fmaxf(mx, merge[(v * 8 + jl) * (D + 2) + D]);
-    float acc = 0.0f, sum = 0.0f;
-    for (int v = 0; v < mma_warps; ++v) {
-      const float* p = merge + (v * 8 + jl) * (D + 2);
-      const float wgt = p[D] == -__builtin_huge_valf() ? 0.0f : exp2f(p[D] - mx);
-      acc += wgt * p[c];
-      sum += wgt * p[D + 1];
-    }
-    prm.part_o[partial_index(prm, b, h, split, j) * D + c] = acc;
-    if (c == 0) {
-      float* ml = prm.part_ml + partial_index(prm, b, h, split, j) * 2;
-      ml[0] = mx;
-      ml[1] = sum;
-    }
-  }
+  merge_warps<KV, D>(prm, b, h, split, j0, G - j0 < QPT ? G - j0 : QPT, o, m, l, mma_lm_smem);
 #endif
 }
 

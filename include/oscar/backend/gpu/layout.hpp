@@ -63,55 +63,57 @@ struct is_fpq : std::false_type {};
 template <quant::fpq_config C>
 struct is_fpq<quant::fpq<C>> : std::true_type {};
 
-template <class F>
-constexpr bool mma_key_format() {
+/// `pred(config)` for an FP2+/FP4+ format `F` (`quant::fpq<config>`), false for any other.
+template <class F, class Pred>
+constexpr bool fpq_config_is(Pred pred) {
   if constexpr (is_fpq<F>::value) {
-    constexpr quant::fpq_config c = quant::format_traits<F>::config;
-    return c.bits == 2 && c.levels == quant::codebook::uniform && c.zero_point &&
-           c.scale == quant::scale_type::fp16 && c.axis == quant::group_axis::tokens &&
-           c.group == 64 && !c.rotate && c.outliers == 0;
+    return pred(quant::format_traits<F>::config);
   } else {
+    (void)pred;
     return false;
   }
 }
 
+/// `fp2plus_kc` keys: 2-bit uniform codes in per-channel groups of 64 tokens, fp16 scale and
+/// minimum, no outliers.
+template <class F>
+constexpr bool mma_key_format() {
+  return fpq_config_is<F>([](const quant::fpq_config& c) {
+    return c.bits == 2 && c.levels == quant::codebook::uniform && c.zero_point &&
+           c.scale == quant::scale_type::fp16 && c.axis == quant::group_axis::tokens &&
+           c.group == 64 && !c.rotate && c.outliers == 0;
+  });
+}
+
+/// `fp2plus_kc` values: 2-bit Lloyd-Max codes in groups of 16 channels with an e4m3 scale.
 template <class F>
 constexpr bool mma_value_format() {
-  if constexpr (is_fpq<F>::value) {
-    constexpr quant::fpq_config c = quant::format_traits<F>::config;
+  return fpq_config_is<F>([](const quant::fpq_config& c) {
     return c.bits == 2 && c.levels == quant::codebook::lloyd_max && !c.zero_point &&
            c.scale == quant::scale_type::e4m3 && c.axis == quant::group_axis::head_dim &&
            c.group == 16 && c.outliers == 0;
-  } else {
-    return false;
-  }
+  });
 }
 
 /// The default FP2+ keys: 2-bit Lloyd-Max codes in per-channel groups of 128 tokens with fp16
 /// scale and zero point and 3 fp16 outliers per group.
 template <class F>
 constexpr bool mma_lm_key_format() {
-  if constexpr (is_fpq<F>::value) {
-    constexpr quant::fpq_config c = quant::format_traits<F>::config;
+  return fpq_config_is<F>([](const quant::fpq_config& c) {
     return c.bits == 2 && c.levels == quant::codebook::lloyd_max && c.zero_point &&
            c.scale == quant::scale_type::fp16 && c.axis == quant::group_axis::tokens &&
            c.group == 128 && !c.rotate && c.outliers == 3;
-  } else {
-    return false;
-  }
+  });
 }
 
 /// The default FP2+ values: 2-bit Lloyd-Max codes in groups of 64 channels with an e4m3 scale.
 template <class F>
 constexpr bool mma_lm_value_format() {
-  if constexpr (is_fpq<F>::value) {
-    constexpr quant::fpq_config c = quant::format_traits<F>::config;
+  return fpq_config_is<F>([](const quant::fpq_config& c) {
     return c.bits == 2 && c.levels == quant::codebook::lloyd_max && !c.zero_point &&
            c.scale == quant::scale_type::e4m3 && c.axis == quant::group_axis::head_dim &&
            c.group == 64 && c.outliers == 0;
-  } else {
-    return false;
-  }
+  });
 }
 
 }  // namespace detail

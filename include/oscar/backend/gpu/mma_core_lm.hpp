@@ -83,15 +83,6 @@ OSCAR_HD_INLINE float f16_to_f32(std::uint16_t h) noexcept {
 #endif
 }
 
-/// The larger of two floats that are not NaN (one FMNMX on the device).
-OSCAR_HD_INLINE float fmax2(float a, float b) noexcept {
-#if defined(__CUDA_ARCH__)
-  return fmaxf(a, b);
-#else
-  return a > b ? a : b;
-#endif
-}
-
 /// `v` rounded to the nearest integer (|v| < 2^31).
 OSCAR_HD_INLINE std::int32_t to_fixed(float v) noexcept {
 #if defined(__CUDA_ARCH__)
@@ -187,24 +178,7 @@ OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D, QPT>& st, const float* 
   constexpr int ks = D / 16;
   const int lane = w.lane(), g = lane >> 2, t = lane & 3;
   float qf[ks][4];
-  float amax = 0.0f;
-  OSCAR_UNROLL
-  for (int kk = 0; kk < ks; ++kk) {
-    OSCAR_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const int c = mma::key_param_channel(t, kk, i);
-      qf[kk][i] = q_row != nullptr ? q_row[c] * scale_log2 : 0.0f;
-      const float m = qf[kk][i] < 0.0f ? -qf[kk][i] : qf[kk][i];
-      amax = m > amax ? m : amax;
-    }
-  }
-  OSCAR_UNROLL
-  for (int mask = 1; mask <= 2; mask <<= 1) {
-    const float o = w.shfl_xor(amax, mask);
-    amax = o > amax ? o : amax;
-  }
-  int e = amax > 0.0f ? mma::exponent_of(amax) + 1 : 0;  // amax * 2^-e in [0.5, 1)
-  e = e < -100 ? -100 : e > 100 ? 100 : e;
+  const int e = mma::load_query<D>(w, q_row, scale_log2, qf);
   const float down = mma::pow2(-e);
   const bool lo_column = warp_state<D, QPT>::split && g >= 4;
   const bool writes_q = qf_out != nullptr && (!warp_state<D, QPT>::split || g < 4);
@@ -423,34 +397,8 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
     }
 
     // Online softmax: the half's max per query, then rescale what came before.
-    float mx[2] = {st.m[0], st.m[1]};
-    OSCAR_UNROLL
-    for (int si = 0; si < 4; ++si) {
-      OSCAR_UNROLL
-      for (int i = 0; i < 4; ++i) mx[i & 1] = fmax2(mx[i & 1], z[si][i]);
-    }
-    OSCAR_UNROLL
-    for (int c = 0; c < 2; ++c) {
-      OSCAR_UNROLL
-      for (int mask = 4; mask <= 16; mask <<= 1) {
-        mx[c] = fmax2(mx[c], w.shfl_xor(mx[c], mask));
-      }
-    }
-    const float alpha[2] = {mma::fast_exp2(st.m[0] - mx[0]), mma::fast_exp2(st.m[1] - mx[1])};
-    if (w.any(alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-      OSCAR_UNROLL
-      for (int i2 = 0; i2 < ks; ++i2) {
-        OSCAR_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          st.o0[i2][i] *= alpha[i & 1];
-          st.o1[i2][i] *= alpha[i & 1];
-        }
-      }
-      OSCAR_UNROLL
-      for (int i = 0; i < 4; ++i) st.kacc[i] *= alpha[i & 1];
-    }
-    st.m[0] = mx[0];
-    st.m[1] = mx[1];
+    float mx[2];
+    mma::softmax_update(w, z, st.m, mx, st.o0, st.o1, st.kacc);
 
     // Values.
     OSCAR_UNROLL
