@@ -15,8 +15,9 @@
 ///
 /// Kernels: for the mma layout (head_dim 64/128) on sm_80+, a tensor-core kernel: FP2+ with
 /// per-channel keys (`fp2plus_kc`) in decode_mma.cuh, the default FP2+ in decode_mma_lm.cuh
-/// (groups of more than 8 query heads read each record once per 8 heads); otherwise the generic kernel (decode_generic.cuh), which also serves HIP. Both split each (sequence, KV head) into
-/// enough work items to fill the device, then `combine_kernel` merges them.
+/// (groups of more than 8 query heads read each record once per 8 heads); otherwise the
+/// generic kernel (decode_generic.cuh), which also serves HIP. All split each (sequence, KV
+/// head) into enough work items to fill the device, then `combine_kernel` merges them.
 #pragma once
 
 #include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
@@ -190,7 +191,9 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
         tile = G <= 4 ? 4 : 8;
         auto pick = [&](auto exact) -> kernel_t {
           constexpr bool e = decltype(exact)::value;
-          if (tile == 4) return d == 64 ? decode_mma_lm_kernel<KV, 64, 4, e> : decode_mma_lm_kernel<KV, 128, 4, e>;
+          if (tile == 4) {
+            return d == 64 ? decode_mma_lm_kernel<KV, 64, 4, e> : decode_mma_lm_kernel<KV, 128, 4, e>;
+          }
           return d == 64 ? decode_mma_lm_kernel<KV, 64, 8, e> : decode_mma_lm_kernel<KV, 128, 8, e>;
         };
         kernel = cfg.fp16_logits ? pick(std::false_type{}) : pick(std::true_type{});
