@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file
-/// GPU decode benchmark of FP2+ (`quant::fp2plus_kc`, the tensor-core kernel) on the shapes of
-/// the GPU issue: 32 query heads, 8 KV heads, head_dim 128, (batch, context) = (1, 32K),
+/// GPU decode benchmark of the default FP2+ (`quant::fp2plus`, its tensor-core kernel) and of
+/// FP2+ with per-channel keys (`quant::fp2plus_kc`, the first tensor-core kernel; `--no-kc`
+/// skips it) on the shapes of the GPU issue: 32 query heads, 8 KV heads, head_dim 128, (batch, context) = (1, 32K),
 /// (1, 128K), (4, 128K), (16, 32K). Printed per shape:
 ///
 /// - decode time (median of timed calls, each after the L2 cache was flushed by writing a
@@ -9,12 +10,14 @@
 ///   fp16 sinks and window, queries, partial results) and the effective GB/s;
 /// - the bandwidth floor: bytes read / the device copy bandwidth measured in the same run
 ///   (cudaMemcpyAsync of 1 GiB, bytes read + written per second), and the fraction of it reached;
-/// - the same decode with `decode_config::fp16_logits` (the faster, less exact key product);
+/// - for fp2plus_kc, the same decode with `decode_config::fp16_logits` (the faster, less exact
+///   key product; the default FP2+ with 4 query heads per KV head keeps ~22-bit logits at no
+///   cost, so it has no such variant here);
 /// - the append throughput of filling the cache (fp16 K/V in, FP2+ blocks out, 4096 tokens per
 ///   sequence per call), in GB/s of bytes read + written.
 ///
 /// Output: a human table, and `csv,...` lines that bench/gpu/run.sh joins with PyTorch's SDPA.
-/// Usage: oscar-gpu-decode-bench [--iters N] [--shapes 1x32768,4x131072,...]
+/// Usage: oscar-gpu-decode-bench [--iters N] [--shapes 1x32768,4x131072,...] [--no-kc]
 
 #include <algorithm>
 #include <cstdint>
@@ -76,13 +79,120 @@ struct shape {
   int context;
 };
 
+/// Fills a cache of format KV (block_tokens per block) for each shape through the append
+/// kernels, times decode, and prints a row and a csv line tagged `tag`.
+template <class KV>
+void run_format(const char* tag, const char* label, int block_tokens, const std::vector<shape>& shapes,
+                int max_batch, int max_context, int iters, double copy_bw, gpu::device_buffer<std::byte>& flush,
+                std::size_t flush_bytes, gpu::stream_t stream) {
+  std::size_t max_blocks = 0;
+  for (const shape& s : shapes) {
+    max_blocks = std::max(max_blocks, static_cast<std::size_t>(s.batch) * kv_heads *
+                                          (s.context / block_tokens + 1));
+  }
+  const oscar::cache::cache_config cfg{.layers = 1, .kv_heads = kv_heads, .head_dim = head_dim,
+                                       .block_tokens = block_tokens, .sink_tokens = 4,
+                                       .window_tokens = 128};
+  gpu::paged_kv<KV> cache(cfg, {.max_sequences = max_batch, .max_tokens = max_context,
+                                .pool_blocks = max_blocks + 16},
+                          stream);
+  // Bytes per block token and KV head (a record holds exactly a native chunk's bytes).
+  using rec = gpu::record_layout<KV>;
+  const double token_bytes = static_cast<double>(rec::bytes(head_dim)) / rec::tokens;
+  const int chunk_tokens = 4096;
+  gpu::device_buffer<half> k(static_cast<std::size_t>(max_batch) * chunk_tokens * kv_heads * head_dim);
+  gpu::device_buffer<half> v(k.size());
+  gpu::device_buffer<float> qd(static_cast<std::size_t>(max_batch) * q_heads * head_dim);
+  gpu::device_buffer<float> out(qd.size());
+  gpu::decode_workspace ws;
+
+  std::printf("\n%s (%s, %.1f bits per element, %d-token blocks)\n", label,
+              cache.layout() == gpu::block_layout::mma ? "tensor-core kernel" : "generic kernel",
+              KV::bits_per_element, block_tokens);
+  std::printf("%-12s %10s %10s %9s %10s %9s %8s %10s %10s\n", "shape", "decode us", "MB read",
+              "GB/s", "floor us", "of floor", "splits", "append GB/s", "fp16-logits us");
+  for (const shape& s : shapes) {
+    std::vector<gpu::slot_id> slots;
+    for (int i = 0; i < s.batch; ++i) slots.push_back(cache.create(stream));
+    // Fill: the context through the append kernels, 4096 tokens per sequence per call.
+    double append_bytes = 0.0, append_ms = 0.0;
+    for (int done = 0, call = 0; done < s.context; done += chunk_tokens, ++call) {
+      const int n = std::min(chunk_tokens, s.context - done);
+      const std::size_t elems = static_cast<std::size_t>(s.batch) * n * kv_heads * head_dim;
+      fill_random<<<1024, 256, 0, stream>>>(k.data(), elems, 17u * call + 1u, true);
+      fill_random<<<1024, 256, 0, stream>>>(v.data(), elems, 31u * call + 7u, false);
+      gpu::check_launch("fill_random");
+      gpu::event start, stop;
+      start.record(stream);
+      cache.append(std::span<const gpu::slot_id>(slots), 0, k.data(), v.data(), n, stream);
+      stop.record(stream);
+      append_ms += stop.elapsed_ms(start);
+      // Read: fp16 K and V; written: the blocks' bytes (and the window).
+      append_bytes += static_cast<double>(elems) * 2 * sizeof(half) +
+                      static_cast<double>(s.batch) * n * kv_heads * token_bytes;
+    }
+    fill_float<<<256, 256, 0, stream>>>(qd.data(), static_cast<std::size_t>(s.batch) * q_heads * head_dim, 99u);
+    gpu::check_launch("fill_float");
+
+    const oscar::attention::options opt{.q_heads = q_heads};
+    const std::span<const gpu::slot_id> sl(slots);
+    for (int i = 0; i < 5; ++i) {
+      oscar::attention::decode(oscar::backend::cuda{}, cache, 0, sl, qd.data(), out.data(), opt, ws, stream);
+    }
+    gpu::synchronize(stream);
+    auto time_decode = [&](const gpu::decode_config& dc) {
+      std::vector<float> ms;
+      for (int i = 0; i < iters; ++i) {
+        gpu::fill_async(flush.data(), i & 0xff, flush_bytes, stream);  // evict the cache from L2
+        gpu::event start, stop;
+        start.record(stream);
+        oscar::attention::decode(oscar::backend::cuda{}, cache, 0, sl, qd.data(), out.data(), opt,
+                                 ws, stream, dc);
+        stop.record(stream);
+        ms.push_back(stop.elapsed_ms(start));
+      }
+      return median(ms) * 1e-3;
+    };
+    // 4-query tiles of the default FP2+ always keep ~22-bit logits (fp16_logits changes nothing).
+    const bool fp16_variant = !gpu::is_mma_lm_v<KV>;
+    const double t16 = fp16_variant ? time_decode({.fp16_logits = true}) : 0.0;
+    const double t = time_decode({});
+    // Bytes read: every block token, the fp16 sinks and window rows (K and V), the queries, and
+    // the partials (written, then read).
+    double tokens_in_blocks = 0.0, fp16_rows = 0.0;
+    for (gpu::slot_id slot : slots) {
+      for (int h = 0; h < kv_heads; ++h) {
+        tokens_in_blocks += static_cast<double>(cache.block_tokens_held(slot, 0, h));
+        fp16_rows += static_cast<double>(cache.tokens(slot, 0, h) - cache.block_tokens_held(slot, 0, h));
+      }
+    }
+    const int G = q_heads / kv_heads;
+    const double partial_bytes = 2.0 * s.batch * kv_heads * ws.last_partials * G * (head_dim + 2) * 4.0;
+    const double bytes = tokens_in_blocks * token_bytes + fp16_rows * head_dim * 2 * 2 +
+                         s.batch * q_heads * head_dim * 4.0 * 2 + partial_bytes;
+    const double floor = bytes / copy_bw;
+    char name[32];
+    std::snprintf(name, sizeof name, "%dx%dK", s.batch, s.context / 1024);
+    const double append_gbs = append_bytes / (append_ms * 1e-3) / 1e9;
+    std::printf("%-12s %10.1f %10.1f %9.0f %10.1f %8.0f%% %8d %10.1f %10.1f\n", name, t * 1e6,
+                bytes / 1e6, bytes / t / 1e9, floor * 1e6, 100.0 * floor / t, ws.last_splits,
+                append_gbs, t16 * 1e6);
+    std::printf("csv,%s,%d,%d,%.3f,%.0f,%.0f,%.3f,%.1f,%.0f,%.3f\n", tag, s.batch, s.context, t * 1e6,
+                bytes, copy_bw, floor * 1e6, append_gbs, append_bytes, t16 * 1e6);
+    std::fflush(stdout);
+    for (gpu::slot_id slot : slots) cache.free(slot);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int iters = 30;
+  bool with_kc = true;
   std::vector<shape> shapes{{1, 32768}, {1, 131072}, {4, 131072}, {16, 32768}};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--iters") == 0 && i + 1 < argc) iters = std::atoi(argv[++i]);
+    if (std::strcmp(argv[i], "--no-kc") == 0) with_kc = false;
     if (std::strcmp(argv[i], "--shapes") == 0 && i + 1 < argc) {
       shapes.clear();
       std::string s = argv[++i];
@@ -122,94 +232,17 @@ int main(int argc, char** argv) {
     const std::size_t flush_bytes = std::size_t{256} << 20;
 
     int max_batch = 1, max_context = 1;
-    std::size_t max_blocks = 0;
     for (const shape& s : shapes) {
       max_batch = std::max(max_batch, s.batch);
       max_context = std::max(max_context, s.context);
-      max_blocks = std::max(max_blocks, static_cast<std::size_t>(s.batch) * kv_heads * (s.context / 64 + 1));
     }
-    const oscar::cache::cache_config cfg{.layers = 1, .kv_heads = kv_heads, .head_dim = head_dim,
-                                         .block_tokens = 64, .sink_tokens = 4, .window_tokens = 128};
-    gpu::paged_kv<q::fp2plus_kc> cache(cfg, {.max_sequences = max_batch, .max_tokens = max_context,
-                                             .pool_blocks = max_blocks + 16},
-                                       stream);
-    const int chunk_tokens = 4096;
-    gpu::device_buffer<half> k(static_cast<std::size_t>(max_batch) * chunk_tokens * kv_heads * head_dim);
-    gpu::device_buffer<half> v(k.size());
-    gpu::device_buffer<float> qd(static_cast<std::size_t>(max_batch) * q_heads * head_dim);
-    gpu::device_buffer<float> out(qd.size());
-    gpu::decode_workspace ws;
-
-    std::printf("\n%-12s %10s %10s %9s %10s %9s %8s %10s %10s\n", "shape", "decode us", "MB read",
-                "GB/s", "floor us", "of floor", "splits", "append GB/s", "fp16-logits us");
-    for (const shape& s : shapes) {
-      std::vector<gpu::slot_id> slots;
-      for (int i = 0; i < s.batch; ++i) slots.push_back(cache.create(stream));
-      // Fill: the context through the append kernels, 4096 tokens per sequence per call.
-      double append_bytes = 0.0, append_ms = 0.0;
-      for (int done = 0, call = 0; done < s.context; done += chunk_tokens, ++call) {
-        const int n = std::min(chunk_tokens, s.context - done);
-        const std::size_t elems = static_cast<std::size_t>(s.batch) * n * kv_heads * head_dim;
-        fill_random<<<1024, 256, 0, stream>>>(k.data(), elems, 17u * call + 1u, true);
-        fill_random<<<1024, 256, 0, stream>>>(v.data(), elems, 31u * call + 7u, false);
-        gpu::check_launch("fill_random");
-        gpu::event start, stop;
-        start.record(stream);
-        cache.append(std::span<const gpu::slot_id>(slots), 0, k.data(), v.data(), n, stream);
-        stop.record(stream);
-        append_ms += stop.elapsed_ms(start);
-        // Read: fp16 K and V; written: 2.5 bits per element (80 B per token and head) + window.
-        append_bytes += static_cast<double>(elems) * 2 * sizeof(half) +
-                        static_cast<double>(s.batch) * n * kv_heads * 80.0;
-      }
-      fill_float<<<256, 256, 0, stream>>>(qd.data(), static_cast<std::size_t>(s.batch) * q_heads * head_dim, 99u);
-      gpu::check_launch("fill_float");
-
-      const oscar::attention::options opt{.q_heads = q_heads};
-      const std::span<const gpu::slot_id> sl(slots);
-      for (int i = 0; i < 5; ++i) {
-        oscar::attention::decode(oscar::backend::cuda{}, cache, 0, sl, qd.data(), out.data(), opt, ws, stream);
-      }
-      gpu::synchronize(stream);
-      auto time_decode = [&](const gpu::decode_config& dc) {
-        std::vector<float> ms;
-        for (int i = 0; i < iters; ++i) {
-          gpu::fill_async(a.data(), i & 0xff, flush_bytes, stream);  // evict the cache from L2
-          gpu::event start, stop;
-          start.record(stream);
-          oscar::attention::decode(oscar::backend::cuda{}, cache, 0, sl, qd.data(), out.data(), opt,
-                                   ws, stream, dc);
-          stop.record(stream);
-          ms.push_back(stop.elapsed_ms(start));
-        }
-        return median(ms) * 1e-3;
-      };
-      const double t16 = time_decode({.fp16_logits = true});
-      const double t = time_decode({});
-      // Bytes read: every block token (80 B per token and KV head at head_dim 128), the fp16
-      // sinks and window rows (K and V), the queries, and the partials (written, then read).
-      double tokens_in_blocks = 0.0, fp16_rows = 0.0;
-      for (gpu::slot_id slot : slots) {
-        for (int h = 0; h < kv_heads; ++h) {
-          tokens_in_blocks += static_cast<double>(cache.block_tokens_held(slot, 0, h));
-          fp16_rows += static_cast<double>(cache.tokens(slot, 0, h) - cache.block_tokens_held(slot, 0, h));
-        }
-      }
-      const int G = q_heads / kv_heads;
-      const double partial_bytes = 2.0 * s.batch * kv_heads * ws.last_partials * G * (head_dim + 2) * 4.0;
-      const double bytes = tokens_in_blocks * 80.0 + fp16_rows * head_dim * 2 * 2 +
-                           s.batch * q_heads * head_dim * 4.0 * 2 + partial_bytes;
-      const double floor = bytes / copy_bw;
-      char name[32];
-      std::snprintf(name, sizeof name, "%dx%dK", s.batch, s.context / 1024);
-      const double append_gbs = append_bytes / (append_ms * 1e-3) / 1e9;
-      std::printf("%-12s %10.1f %10.1f %9.0f %10.1f %8.0f%% %8d %10.1f %10.1f\n", name, t * 1e6,
-                  bytes / 1e6, bytes / t / 1e9, floor * 1e6, 100.0 * floor / t, ws.last_splits,
-                  append_gbs, t16 * 1e6);
-      std::printf("csv,oscar,%d,%d,%.3f,%.0f,%.0f,%.3f,%.1f,%.0f,%.3f\n", s.batch, s.context, t * 1e6,
-                  bytes, copy_bw, floor * 1e6, append_gbs, append_bytes, t16 * 1e6);
-      std::fflush(stdout);
-      for (gpu::slot_id slot : slots) cache.free(slot);
+    // The default FP2+ (128-token blocks, its tensor-core kernel), then FP2+ with per-channel
+    // keys (64-token blocks), the previous tensor-core path.
+    run_format<q::fp2plus>("oscar", "fp2plus", 128, shapes, max_batch, max_context, iters, copy_bw,
+                           a, flush_bytes, stream);
+    if (with_kc) {
+      run_format<q::fp2plus_kc>("oscar-kc", "fp2plus-kc", 64, shapes, max_batch, max_context, iters,
+                                copy_bw, a, flush_bytes, stream);
     }
     return 0;
   } catch (const std::exception& e) {

@@ -4,8 +4,8 @@
 ///
 /// One source for CUDA (nvcc) and HIP (clang). For several shapes (head_dim 64 and 128, 1 to 8
 /// query heads per KV head, blocks of 16 to 256 tokens, sinks and windows of several sizes) and
-/// formats (FP2+ with per-channel keys in the mma and the native layout, FP4+, FP2+ with
-/// per-token keys), on fresh random K/V (per-channel offsets and outlier channels in the keys):
+/// formats (FP2+ and FP2+ with per-channel keys, each in the mma and the native layout, FP4+,
+/// FP2+ with per-token keys), on fresh random K/V (per-channel offsets and outlier channels in the keys):
 ///
 ///  1. the same append calls (one prefill per sequence, then single-token and batched steps,
 ///     forks that then diverge, so a shared last block is copied on write) go to a host
@@ -46,6 +46,7 @@
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
 #include "oscar/backend/gpu/decode_mma.cuh"
 #include "oscar/backend/gpu/mma_core.hpp"
+#include "oscar/backend/gpu/mma_core_lm.hpp"
 #include "warp_emulator.hpp"
 #endif
 
@@ -107,6 +108,8 @@ __global__ void primitives_kernel(const std::uint32_t* in, std::uint32_t* out, f
   o[12] = m::pack_half2(__uint_as_float(x), __uint_as_float(y));
   oscar::gpu::detail::device_warp dw;
   o[13] = dw.movmatrix(w);
+  o[14] = oscar::gpu::mma_lm::plane1(w << (lane & 15));
+  o[15] = __float_as_uint(oscar::gpu::mma_lm::f16_to_f32(static_cast<std::uint16_t>(x & 0x7bffu)));
   float d[4] = {0.0f, 1.0f, 2.0f, 3.0f};
   const std::uint32_t* ab = in + 96;  // small integers: every sum is exact
   const std::uint32_t a[4] = {ab[lane * 4], ab[lane * 4 + 1], ab[lane * 4 + 2], ab[lane * 4 + 3]};
@@ -175,12 +178,17 @@ void check_primitives(report& r, gpu::stream_t s) {
     std::memcpy(&fy, &y, 4);
     bad_pack += o[12] != m::pack_half2(fx, fy);
     bad_movm += o[13] != movm[lane];
+    bad_unpack += o[14] != oscar::gpu::mma_lm::plane1(word << (lane & 15));
+    const float f16 = oscar::gpu::mma_lm::f16_to_f32(static_cast<std::uint16_t>(x & 0x7bffu));
+    std::uint32_t f16_bits;
+    std::memcpy(&f16_bits, &f16, 4);
+    bad_pack += o[15] != f16_bits;
     for (int i = 0; i < 4; ++i) bad_mma += mma_dev[lane * 4 + i] != mma_host[lane * 4 + i];
   }
-  r.check(bad_unpack == 0, "primitive: code unpacking (fma.rn / fma.rn.sat f16x2), mismatches " + std::to_string(bad_unpack));
+  r.check(bad_unpack == 0, "primitive: code unpacking (fma.rn / fma.rn.sat f16x2, lop3 planes), mismatches " + std::to_string(bad_unpack));
   r.check(bad_e4m3 == 0, "primitive: e4m3 pairs to f16x2, mismatches " + std::to_string(bad_e4m3));
   r.check(bad_arith == 0, "primitive: mul.rn / fma.rn f16x2, mismatches " + std::to_string(bad_arith));
-  r.check(bad_pack == 0, "primitive: cvt.rn.f16x2.f32 order, mismatches " + std::to_string(bad_pack));
+  r.check(bad_pack == 0, "primitive: cvt.rn.f16x2.f32 order, cvt.f32.f16, mismatches " + std::to_string(bad_pack));
   r.check(bad_movm == 0, "primitive: movmatrix.trans fragments, mismatches " + std::to_string(bad_movm));
   r.check(bad_mma == 0, "primitive: mma.m16n8k16 fragments, mismatches " + std::to_string(bad_mma));
 }
@@ -474,10 +482,17 @@ int main(int argc, char** argv) {
     const shape main_shape{128, 2, 4, 64, 4, 64, {1, 5, 70, 300, 1200}, 3};
     run_case<q::fp2plus_kc>(r, "fp2plus-kc", main_shape, s);
     run_case<q::fp4plus>(r, "fp4plus", {128, 2, 4, 64, 4, 32, {3, 200, 700}, 2}, s);
-    // The default FP2+ (keys in 128-token tiles with outliers): the generic kernel.
+    // The default FP2+ (keys in 128-token tiles with outliers): its tensor-core kernel (4-query
+    // tiles up to 4 heads per KV head, else 8-query tiles) on the mma layout, the generic kernel
+    // on the native layout.
     run_case<q::fp2plus>(r, "fp2plus", {128, 2, 4, 128, 4, 64, {1, 70, 300, 1200}, 2}, s);
+    run_case<q::fp2plus>(r, "fp2plus", {64, 1, 6, 128, 2, 32, {130, 400}, 1}, s);
     if (!quick) {
       run_case<q::fp2plus>(r, "fp2plus", {64, 2, 8, 256, 0, 16, {129, 900}, 2}, s);
+      run_case<q::fp2plus>(r, "fp2plus", {128, 2, 1, 256, 4, 64, {5, 257, 1500}, 2}, s);
+      run_case<q::fp2plus>(r, "fp2plus", {128, 1, 16, 128, 2, 128, {300, 1000}, 1}, s);
+      run_case<q::fp2plus>(r, "fp2plus", {64, 4, 4, 128, 4, 32, {128, 700, 2100}, 3}, s);
+      run_case<q::fp2plus>(r, "fp2plus", {128, 2, 2, 256, 0, 0, {600, 3000}, 2}, s);
       run_case<q::fp2plus_kc>(r, "fp2plus-kc", {64, 4, 8, 128, 2, 128, {2, 64, 129, 900, 2500}, 4}, s);
       run_case<q::fp2plus_kc>(r, "fp2plus-kc", {128, 1, 1, 256, 0, 16, {17, 640, 3000}, 2}, s);
       run_case<q::fp2plus_kc>(r, "fp2plus-kc", {128, 2, 8, 64, 4, 128, {100, 4000}, 2}, s);

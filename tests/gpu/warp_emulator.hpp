@@ -8,6 +8,7 @@
 /// kernel's data arrangement and arithmetic with no GPU.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <functional>
@@ -55,6 +56,10 @@ struct warp {
     sh->sync.arrive_and_wait();
     return r;
   }
+  /// A warp barrier (orders the lanes' accesses to memory they share).
+  void sync() { sh->sync.arrive_and_wait(); }
+  /// `*p += v`, atomically among the lanes.
+  void atomic_add(std::int32_t* p, std::int32_t v) { std::atomic_ref<std::int32_t>(*p).fetch_add(v); }
   /// Lane (g, t) holds row g, columns 2t, 2t+1 of an 8x8 b16 matrix; returns the same of the
   /// transposed matrix.
   std::uint32_t movmatrix(std::uint32_t a) {

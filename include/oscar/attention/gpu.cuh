@@ -13,10 +13,11 @@
 /// on `stream`; nothing waits, except that the workspace grows (a device allocation) the first
 /// time a call needs more scratch than it holds.
 ///
-/// Kernels: for the mma layout (FP2+ with per-channel keys, head_dim 64/128) on sm_80+, the
-/// tensor-core kernel (decode_mma.cuh; groups of more than 8 query heads read each record once
-/// per 8 heads); otherwise the generic kernel (decode_generic.cuh), which also serves HIP. Both split each (sequence, KV head) into
-/// enough work items to fill the device, then `combine_kernel` merges them.
+/// Kernels: for the mma layout (head_dim 64/128) on sm_80+, a tensor-core kernel: FP2+ with
+/// per-channel keys (`fp2plus_kc`) in decode_mma.cuh, the default FP2+ in decode_mma_lm.cuh
+/// (groups of more than 8 query heads read each record once per 8 heads); otherwise the
+/// generic kernel (decode_generic.cuh), which also serves HIP. All split each (sequence, KV
+/// head) into enough work items to fill the device, then `combine_kernel` merges them.
 #pragma once
 
 #include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
@@ -39,6 +40,7 @@
 #include "oscar/core/error.hpp"
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
 #include "oscar/backend/gpu/decode_mma.cuh"
+#include "oscar/backend/gpu/decode_mma_lm.cuh"
 #endif
 
 namespace oscar::gpu {
@@ -167,8 +169,8 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
   if (cfg.kernel == decode_kernel::generic) tensor_cores = false;
   OSCAR_CHECK(cfg.kernel != decode_kernel::tensor_core || tensor_cores, errc::unsupported,
               "the tensor-core decode kernel needs a CUDA device of compute capability 8.0 or "
-              "newer, a cache in the mma layout (FP2+ with per-channel keys, head_dim 64 or 128) "
-              "and at most 8 query heads per KV head");
+              "newer and a cache in the mma layout (FP2+ or FP2+ with per-channel keys, head_dim "
+              "64 or 128)");
   OSCAR_CHECK(tensor_cores || cache.layout() == block_layout::native, errc::unsupported,
               "a cache in the mma layout needs the tensor-core kernel (CUDA, sm_80+); create the "
               "cache with paged_kv_options::native_layout for other devices");
@@ -181,17 +183,34 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
   if (tensor_cores) {
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
     if constexpr (has_mma_layout_v<KV>) {
-      auto pick = [&](auto exact) {
-        constexpr bool e = decltype(exact)::value;
-        return d == 64 ? decode_mma_kernel<KV, 64, e> : decode_mma_kernel<KV, 128, e>;
-      };
-      auto kernel = cfg.fp16_logits ? pick(std::false_type{}) : pick(std::true_type{});
-      smem = mma_shared_bytes(d, G);
+      using kernel_t = void (*)(decode_params<KV>);
+      kernel_t kernel = nullptr;
+      int tile = 8;  // query heads per block
+      if constexpr (is_mma_lm_v<KV>) {
+        // 4-query tiles carry the lo parts of q in the MMAs' spare columns (always exact).
+        tile = G <= 4 ? 4 : 8;
+        auto pick = [&](auto exact) -> kernel_t {
+          constexpr bool e = decltype(exact)::value;
+          if (tile == 4) {
+            return d == 64 ? decode_mma_lm_kernel<KV, 64, 4, e> : decode_mma_lm_kernel<KV, 128, 4, e>;
+          }
+          return d == 64 ? decode_mma_lm_kernel<KV, 64, 8, e> : decode_mma_lm_kernel<KV, 128, 8, e>;
+        };
+        kernel = cfg.fp16_logits ? pick(std::false_type{}) : pick(std::true_type{});
+        smem = mma_lm_shared_bytes(d, tile, G);
+      } else {
+        auto pick = [&](auto exact) -> kernel_t {
+          constexpr bool e = decltype(exact)::value;
+          return d == 64 ? decode_mma_kernel<KV, 64, e> : decode_mma_kernel<KV, 128, e>;
+        };
+        kernel = cfg.fp16_logits ? pick(std::false_type{}) : pick(std::true_type{});
+        smem = mma_shared_bytes(d, G);
+      }
       allow_dynamic_shared(kernel, smem);
-      prm.query_tiles = (G + 7) / 8;
+      prm.query_tiles = (G + tile - 1) / tile;
       if (splits <= 0) {
         splits = choose_splits(resident_blocks(kernel, threads, smem) * dev.multiprocessors,
-                               batch * H * prm.query_tiles, longest / mma::record_tokens,
+                               batch * H * prm.query_tiles, longest / record_layout<KV>::tokens,
                                2 * mma_warps);
       }
       prm.splits = splits;

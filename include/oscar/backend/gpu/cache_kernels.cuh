@@ -226,10 +226,13 @@ OSCAR_DEVICE void encode_rows(float* x, int chunk, int d,
 }
 
 /// Shared memory of `encode_chunk_kernel`: the rows as floats, then (mma layout) the native
-/// bytes of the chunk.
+/// bytes of the chunk (one record's worth).
+template <class KV>
 inline std::size_t encode_chunk_shared_bytes(int chunk, int d, block_layout layout) {
   std::size_t bytes = static_cast<std::size_t>(chunk) * d * sizeof(float);
-  if (layout == block_layout::mma) bytes += static_cast<std::size_t>(mma::geometry_for(d).bytes);
+  if constexpr (has_mma_layout_v<KV>) {
+    if (layout == block_layout::mma) bytes += static_cast<std::size_t>(record_layout<KV>::bytes(d));
+  }
   return bytes;
 }
 
@@ -256,7 +259,6 @@ __global__ void encode_chunk_kernel(paged_kv_view<KV> cache, append_input<T> in,
   std::byte* block = cache.block(job.block);
   const entry_state<KV>& state = cache.entries[job.entry];
   const bool mma = cache.layout == block_layout::mma;
-  const int mma_d16 = d / 16;
 
   for (int kv = 0; kv < 2; ++kv) {
     for (int i = threadIdx.x; i < chunk * d; i += blockDim.x) {
@@ -267,31 +269,30 @@ __global__ void encode_chunk_kernel(paged_kv_view<KV> cache, append_input<T> in,
     if (kv == 0) {
       const auto key_params = state.key;
       encode_rows<K>(x, chunk, d, key_params, [&](int tile) -> void* {
-        if (mma) return native + tile * mma::key_block_bytes * d;
+        if (mma) return native + tile * lay.key_tile_bytes;
         return block + ((job.offset + tile * lay.key_tile_tokens) / lay.key_tile_tokens) *
                            lay.key_tile_bytes;
       });
     } else {
       const auto value_params = state.value;
       encode_rows<V>(x, chunk, d, value_params, [&](int tile) -> void* {
-        if (mma) {
-          return native + mma::key_block_bytes * d +
-                 tile * mma::value_block_bytes * mma_d16;
-        }
+        if (mma) return native + lay.key_tile_bytes + tile * lay.value_tile_bytes;
         return block + lay.key_bytes +
                ((job.offset + tile * lay.value_tile_tokens) / lay.value_tile_tokens) *
                    lay.value_tile_bytes;
       });
     }
   }
-  if (mma) {  // chunk == 64 == one record
-    const int record_bytes = mma::geometry_for(d).bytes;
-    auto* record = reinterpret_cast<std::uint8_t*>(block) +
-                   static_cast<std::size_t>(job.offset / mma::record_tokens) * record_bytes;
-    const std::uint8_t* key_tile = native;
-    const std::uint8_t* value_tiles = native + mma::key_block_bytes * d;
-    for (int item = threadIdx.x; item < mma::pack_items(d); item += blockDim.x) {
-      mma::pack_item(key_tile, value_tiles, d, item, record);
+  if constexpr (has_mma_layout_v<KV>) {
+    if (mma) {  // the chunk is one record (record_layout<KV>::tokens tokens)
+      using rec = record_layout<KV>;
+      auto* record = reinterpret_cast<std::uint8_t*>(block) +
+                     static_cast<std::size_t>(job.offset / rec::tokens) * rec::bytes(d);
+      const std::uint8_t* key_tile = native;
+      const std::uint8_t* value_tiles = native + lay.key_tile_bytes;
+      for (int item = threadIdx.x; item < rec::pack_items(d); item += blockDim.x) {
+        rec::pack_item(key_tile, value_tiles, d, item, record);
+      }
     }
   }
 }

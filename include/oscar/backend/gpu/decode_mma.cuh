@@ -66,6 +66,20 @@ struct device_warp {
     return p;
 #endif
   }
+  /// Orders the lanes' shared-memory accesses (a warp barrier).
+  OSCAR_HD_INLINE void sync() const noexcept {
+#if defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+  }
+  /// `*p += v` in shared memory, atomically (a native shared-memory atomic).
+  OSCAR_HD_INLINE void atomic_add(std::int32_t* p, std::int32_t v) const noexcept {
+#if defined(__CUDA_ARCH__)
+    atomicAdd(p, v);
+#else
+    *p += v;
+#endif
+  }
   OSCAR_HD_INLINE std::uint32_t movmatrix(std::uint32_t a) const noexcept {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     std::uint32_t d;
@@ -129,6 +143,54 @@ OSCAR_DEVICE OSCAR_FORCEINLINE void cp_async_wait() {
 #endif
 }
 
+/// Merges the results of a tensor-core block's `mma_warps` warps into the block's partial of
+/// split `split` of entry (b, h): queries j0 .. j0 + tile_queries - 1. Each lane brings its
+/// share from `warp_end` (`o` per 16-channel tile: channels 16 tile + g + 8 (i >> 1), MMA
+/// column 2t + (i & 1); `m`, `l` per column). `smem` holds `mma_warps * 8 * (D + 2)` floats
+/// that no warp uses any more after the first barrier here.
+template <class KV, int D>
+OSCAR_DEVICE void merge_warps(const decode_params<KV>& prm, int b, int h, int split, int j0,
+                              int tile_queries, const float (&o)[D / 16][4], const float (&m)[2],
+                              const float (&l)[2], unsigned char* smem) {
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) & 31;
+  const int g = lane >> 2, t = lane & 3;
+  // [warp][column 0..7][D + 2] floats.
+  __syncthreads();  // the warps' rings are free now
+  float* merge = reinterpret_cast<float*>(smem);
+  float* mine = merge + static_cast<std::size_t>(warp) * 8 * (D + 2);
+  for (int tile = 0; tile < D / 16; ++tile) {
+    for (int i = 0; i < 4; ++i) {
+      const int j = 2 * t + (i & 1), c = 16 * tile + g + 8 * (i >> 1);
+      mine[j * (D + 2) + c] = o[tile][i];
+    }
+  }
+  if (g == 0) {
+    for (int c = 0; c < 2; ++c) {
+      mine[(2 * t + c) * (D + 2) + D] = m[c];
+      mine[(2 * t + c) * (D + 2) + D + 1] = l[c];
+    }
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < tile_queries * D; i += mma_warps * 32) {
+    const int jl = i / D, c = i % D, j = j0 + jl;
+    float mx = -__builtin_huge_valf();
+    for (int v = 0; v < mma_warps; ++v) mx = fmaxf(mx, merge[(v * 8 + jl) * (D + 2) + D]);
+    float acc = 0.0f, sum = 0.0f;
+    for (int v = 0; v < mma_warps; ++v) {
+      const float* p = merge + (v * 8 + jl) * (D + 2);
+      const float wgt = p[D] == -__builtin_huge_valf() ? 0.0f : exp2f(p[D] - mx);
+      acc += wgt * p[c];
+      sum += wgt * p[D + 1];
+    }
+    prm.part_o[partial_index(prm, b, h, split, j) * D + c] = acc;
+    if (c == 0) {
+      float* ml = prm.part_ml + partial_index(prm, b, h, split, j) * 2;
+      ml[0] = mx;
+      ml[1] = sum;
+    }
+  }
+}
+
 template <class KV, int D, bool Exact>
 __global__ void __launch_bounds__(mma_warps * 32, 2) decode_mma_kernel(decode_params<KV> prm) {
   extern __shared__ __align__(16) unsigned char mma_smem[];
@@ -149,7 +211,7 @@ __global__ void __launch_bounds__(mma_warps * 32, 2) decode_mma_kernel(decode_pa
   constexpr int ks = D / 16;
   const paged_kv_view<KV>& cache = prm.cache;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) & 31;
-  const int g = lane >> 2, t = lane & 3, G = prm.group;
+  const int g = lane >> 2, G = prm.group;
   const std::int64_t e = cache.entry(prm.slots[b], prm.layer, h);
   const entry_state<KV> st = cache.entries[e];
   const int records = st.tokens / mma::record_tokens;
@@ -200,42 +262,7 @@ __global__ void __launch_bounds__(mma_warps * 32, 2) decode_mma_kernel(decode_pa
   if constexpr (requires { st.value.scale_exponent; }) factor = mma::pow2(st.value.scale_exponent);
   mma::warp_end<D>(w, ws, factor, V::level(3), V::level(2), o, m, l);
 
-  // Merge the block's warps: [warp][query 0..7][D + 2] floats.
-  __syncthreads();  // the rings are free now
-  float* merge = reinterpret_cast<float*>(mma_smem);
-  float* mine = merge + static_cast<std::size_t>(warp) * 8 * (D + 2);
-  for (int grp = 0; grp < ks; ++grp) {
-    for (int i = 0; i < 4; ++i) {
-      const int j = 2 * t + (i & 1), c = 16 * grp + g + 8 * (i >> 1);
-      mine[j * (D + 2) + c] = o[grp][i];
-    }
-  }
-  if (g == 0) {
-    for (int c = 0; c < 2; ++c) {
-      mine[(2 * t + c) * (D + 2) + D] = m[c];
-      mine[(2 * t + c) * (D + 2) + D + 1] = l[c];
-    }
-  }
-  __syncthreads();
-  const int tile_queries = G - j0 < 8 ? G - j0 : 8;
-  for (int i = static_cast<int>(threadIdx.x); i < tile_queries * D; i += mma_warps * 32) {
-    const int jl = i / D, c = i % D, j = j0 + jl;
-    float mx = -__builtin_huge_valf();
-    for (int v = 0; v < mma_warps; ++v) mx = fmaxf(mx, merge[(v * 8 + jl) * (D + 2) + D]);
-    float acc = 0.0f, sum = 0.0f;
-    for (int v = 0; v < mma_warps; ++v) {
-      const float* p = merge + (v * 8 + jl) * (D + 2);
-      const float wgt = p[D] == -__builtin_huge_valf() ? 0.0f : exp2f(p[D] - mx);
-      acc += wgt * p[c];
-      sum += wgt * p[D + 1];
-    }
-    prm.part_o[partial_index(prm, b, h, split, j) * D + c] = acc;
-    if (c == 0) {
-      float* ml = prm.part_ml + partial_index(prm, b, h, split, j) * 2;
-      ml[0] = mx;
-      ml[1] = sum;
-    }
-  }
+  merge_warps<KV, D>(prm, b, h, split, j0, G - j0 < 8 ? G - j0 : 8, o, m, l, mma_smem);
 #endif
 }
 

@@ -213,6 +213,52 @@ OSCAR_HD_INLINE std::uint32_t unpack_high(std::uint32_t word, int p) noexcept {
 
 inline constexpr std::uint32_t half2_ones = 0x3c003c00u;
 
+/// The larger of two floats that are not NaN (one FMNMX on the device).
+OSCAR_HD_INLINE float fmax2(float a, float b) noexcept {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+/// The online-softmax update of a warp after `Steps` 16-token steps of logits `z` (fragments:
+/// tokens g, g + 8 x queries 2t, 2t + 1): `mx` receives the new running max of the lane's two
+/// query columns (over the warp's rows), and when it moved, the accumulators `a`, `b` (per
+/// tile) and `k` are rescaled to it. `m` is the running max before, then `mx`.
+template <int Steps, int Tiles, class Warp>
+OSCAR_HOST_DEVICE void softmax_update(Warp& w, const float (&z)[Steps][4], float (&m)[2],
+                                      float (&mx)[2], float (&a)[Tiles][4], float (&b)[Tiles][4],
+                                      float (&k)[4]) {
+  mx[0] = m[0];
+  mx[1] = m[1];
+  OSCAR_UNROLL
+  for (int s = 0; s < Steps; ++s) {
+    OSCAR_UNROLL
+    for (int i = 0; i < 4; ++i) mx[i & 1] = fmax2(mx[i & 1], z[s][i]);
+  }
+  OSCAR_UNROLL
+  for (int c = 0; c < 2; ++c) {
+    OSCAR_UNROLL
+    for (int mask = 4; mask <= 16; mask <<= 1) mx[c] = fmax2(mx[c], w.shfl_xor(mx[c], mask));
+  }
+  const float alpha[2] = {fast_exp2(m[0] - mx[0]), fast_exp2(m[1] - mx[1])};
+  if (w.any(alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+    OSCAR_UNROLL
+    for (int g = 0; g < Tiles; ++g) {
+      OSCAR_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        a[g][i] *= alpha[i & 1];
+        b[g][i] *= alpha[i & 1];
+      }
+    }
+    OSCAR_UNROLL
+    for (int i = 0; i < 4; ++i) k[i] *= alpha[i & 1];
+  }
+  m[0] = mx[0];
+  m[1] = mx[1];
+}
+
 // ---- one warp's attention over records ---------------------------------------------------------
 
 /// What one lane keeps between records.
@@ -229,18 +275,17 @@ struct warp_state {
   float kacc[4];            ///< rows g < ks: sum P s of group g; row 8: sum P (softmax sum)
 };
 
-/// Loads the query of this lane's row (`q_row`, or nullptr for padding rows beyond the group)
-/// and resets the state. `scale_log2` = softmax scale * log2(e). `ql` receives the lo parts:
-/// `ks * 2 * 32` words shared by the warp's lanes.
+/// Loads the elements of the lane's query row (`q_row`, or nullptr for a padding column: zeros)
+/// that its B fragments take, `qf[kk][i]` = channel `16 kk + 2t + (i & 1) + 8 (i >> 1)` times
+/// `scale_log2`, and returns the exponent e (within +-100) that brings the row's largest
+/// magnitude into [0.5, 1) as `qf * 2^-e` (the four lanes of a column agree on it).
 template <int D, class Warp>
-OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D>& st, const float* q_row, float scale_log2,
-                                  std::uint32_t* ql) {
-  constexpr int ks = D / 16;
+OSCAR_HOST_DEVICE int load_query(Warp& w, const float* q_row, float scale_log2,
+                                 float (&qf)[D / 16][4]) {
   const int t = w.lane() & 3;
-  float qf[ks][4];
   float amax = 0.0f;
   OSCAR_UNROLL
-  for (int kk = 0; kk < ks; ++kk) {
+  for (int kk = 0; kk < D / 16; ++kk) {
     OSCAR_UNROLL
     for (int i = 0; i < 4; ++i) {
       const int c = 16 * kk + 2 * t + (i & 1) + 8 * (i >> 1);
@@ -254,8 +299,20 @@ OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D>& st, const float* q_row
     const float o = w.shfl_xor(amax, mask);
     amax = o > amax ? o : amax;
   }
-  int e = amax > 0.0f ? exponent_of(amax) + 1 : 0;  // amax * 2^-e in [0.5, 1)
-  e = e < -100 ? -100 : e > 100 ? 100 : e;
+  const int e = amax > 0.0f ? exponent_of(amax) + 1 : 0;
+  return e < -100 ? -100 : e > 100 ? 100 : e;
+}
+
+/// Loads the query of this lane's row (`q_row`, or nullptr for padding rows beyond the group)
+/// and resets the state. `scale_log2` = softmax scale * log2(e). `ql` receives the lo parts:
+/// `ks * 2 * 32` words shared by the warp's lanes.
+template <int D, class Warp>
+OSCAR_HOST_DEVICE void warp_begin(Warp& w, warp_state<D>& st, const float* q_row, float scale_log2,
+                                  std::uint32_t* ql) {
+  constexpr int ks = D / 16;
+  const int t = w.lane() & 3;
+  float qf[ks][4];
+  const int e = load_query<D>(w, q_row, scale_log2, qf);
   const float down = pow2(-e);
   st.ql = ql;
   OSCAR_UNROLL
@@ -344,35 +401,8 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D>& st, const std::uint8_
   }
 
   // Online softmax: the record's max per query, then rescale what came before.
-  float mx[2] = {st.m[0], st.m[1]};
-  OSCAR_UNROLL
-  for (int s = 0; s < record_steps; ++s) {
-    OSCAR_UNROLL
-    for (int i = 0; i < 4; ++i) mx[i & 1] = z[s][i] > mx[i & 1] ? z[s][i] : mx[i & 1];
-  }
-  OSCAR_UNROLL
-  for (int c = 0; c < 2; ++c) {
-    OSCAR_UNROLL
-    for (int mask = 4; mask <= 16; mask <<= 1) {
-      const float o = w.shfl_xor(mx[c], mask);
-      mx[c] = o > mx[c] ? o : mx[c];
-    }
-  }
-  const float alpha[2] = {fast_exp2(st.m[0] - mx[0]), fast_exp2(st.m[1] - mx[1])};
-  if (w.any(alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-    OSCAR_UNROLL
-    for (int g2 = 0; g2 < ks; ++g2) {
-      OSCAR_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        st.oc[g2][i] *= alpha[i & 1];
-        st.oh[g2][i] *= alpha[i & 1];
-      }
-    }
-    OSCAR_UNROLL
-    for (int i = 0; i < 4; ++i) st.kacc[i] *= alpha[i & 1];
-  }
-  st.m[0] = mx[0];
-  st.m[1] = mx[1];
+  float mx[2];
+  softmax_update(w, z, st.m, mx, st.oc, st.oh, st.kacc);
 
   // Values.
   OSCAR_UNROLL

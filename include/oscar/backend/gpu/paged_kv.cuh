@@ -163,8 +163,11 @@ class paged_kv {
     const std::size_t raw =
         offsets_.key_bytes + offsets_.value_tile_bytes * (bt / offsets_.value_tile_tokens);
     block_bytes_ = (raw + 63) / 64 * 64;  // as the host pool: blocks start on cache lines
-    if (layout_ == block_layout::mma) {
-      block_bytes_ = static_cast<std::size_t>(bt / mma::record_tokens) * mma::geometry_for(d).bytes;
+    if constexpr (has_mma_layout_v<KV>) {
+      if (layout_ == block_layout::mma) {
+        block_bytes_ = static_cast<std::size_t>(bt / record_layout<KV>::tokens) *
+                       record_layout<KV>::bytes(d);
+      }
     }
     max_blocks_ = static_cast<int>((options.max_tokens + bt - 1) / bt);
     window_capacity_ = config.window_tokens + chunk_;
@@ -448,7 +451,7 @@ class paged_kv {
       check_launch("calibrate_kernel");
     }
     if (!chunk_jobs.empty()) {
-      const std::size_t smem = detail::encode_chunk_shared_bytes(chunk_, config_.head_dim, layout_);
+      const std::size_t smem = detail::encode_chunk_shared_bytes<KV>(chunk_, config_.head_dim, layout_);
       allow_dynamic_shared(detail::encode_chunk_kernel<KV, T>, smem);
       detail::encode_chunk_kernel<KV, T><<<static_cast<unsigned>(chunk_jobs.size()), 128, smem,
                                            stream>>>(cv, input, d_chunks, offsets_);
@@ -698,14 +701,17 @@ class paged_kv {
       std::memcpy(out.data(), stored, block_bytes_);
       return out;
     }
-    const int d = config_.head_dim;
-    const auto g = mma::geometry_for(d);
-    for (int r = 0; r < config_.block_tokens / mma::record_tokens; ++r) {
-      auto* key_tile = reinterpret_cast<std::uint8_t*>(out.data()) + r * offsets_.key_tile_bytes;
-      auto* value_tiles = reinterpret_cast<std::uint8_t*>(out.data()) + offsets_.key_bytes +
-                          static_cast<std::size_t>(r) * mma::record_tokens * offsets_.value_tile_bytes;
-      mma::unpack_record(reinterpret_cast<const std::uint8_t*>(stored) + r * g.bytes, d, key_tile,
-                         value_tiles);
+    if constexpr (has_mma_layout_v<KV>) {
+      using rec = record_layout<KV>;
+      const int d = config_.head_dim;
+      for (int r = 0; r < config_.block_tokens / rec::tokens; ++r) {
+        auto* key_tile = reinterpret_cast<std::uint8_t*>(out.data()) + r * offsets_.key_tile_bytes;
+        auto* value_tiles = reinterpret_cast<std::uint8_t*>(out.data()) + offsets_.key_bytes +
+                            static_cast<std::size_t>(r) * rec::tokens * offsets_.value_tile_bytes;
+        rec::unpack_record(reinterpret_cast<const std::uint8_t*>(stored) +
+                               static_cast<std::size_t>(r) * rec::bytes(d),
+                           d, key_tile, value_tiles);
+      }
     }
     return out;
   }
@@ -763,13 +769,16 @@ class paged_kv {
       std::memcpy(out, native, block_bytes_);
       return;
     }
-    const int d = config_.head_dim;
-    const auto g = mma::geometry_for(d);
-    for (int r = 0; r < config_.block_tokens / mma::record_tokens; ++r) {
-      const auto* key_tile = reinterpret_cast<const std::uint8_t*>(native) + r * offsets_.key_tile_bytes;
-      const auto* value_tiles = reinterpret_cast<const std::uint8_t*>(native) + offsets_.key_bytes +
-                                static_cast<std::size_t>(r) * mma::record_tokens * offsets_.value_tile_bytes;
-      mma::pack_record(key_tile, value_tiles, d, reinterpret_cast<std::uint8_t*>(out) + r * g.bytes);
+    if constexpr (has_mma_layout_v<KV>) {
+      using rec = record_layout<KV>;
+      const int d = config_.head_dim;
+      for (int r = 0; r < config_.block_tokens / rec::tokens; ++r) {
+        const auto* key_tile = reinterpret_cast<const std::uint8_t*>(native) + r * offsets_.key_tile_bytes;
+        const auto* value_tiles = reinterpret_cast<const std::uint8_t*>(native) + offsets_.key_bytes +
+                                  static_cast<std::size_t>(r) * rec::tokens * offsets_.value_tile_bytes;
+        rec::pack_record(key_tile, value_tiles, d,
+                         reinterpret_cast<std::uint8_t*>(out) + static_cast<std::size_t>(r) * rec::bytes(d));
+      }
     }
   }
 
