@@ -612,10 +612,24 @@ OSCAR_DEVICE void encode_part(const paged_kv_view<KV>& cache, const append_input
         for (int c = threadIdx.x; c < d; c += blockDim.x) {
           float cl = 0.0f, ch = 0.0f;
           for (int tile = 0; tile < chunk / G; ++tile) {
-            float v[G];
-            traits::decode_group(reinterpret_cast<const block*>(tile_at(tile))[c], p, v);
+            // The values decode_group gives, one at a time (no local array): code i at
+            // zero + scale * level, replaced by the last outlier stored for index i.
+            const std::uint8_t* bytes = reinterpret_cast<const block*>(tile_at(tile))[c].bytes;
+            const float scale = quant::load_scale<traits::config.scale>(bytes) *
+                                traits::exponent_factor(p, false);
+            const float zero = traits::config.zero_point
+                                   ? quant::load_scale<traits::config.scale>(bytes + traits::zero_offset)
+                                   : 0.0f;
             for (int t = 0; t < G; ++t) {
-              const float e = v[t];
+              float e = traits::dequant(scale, zero, get_code<traits::bits>(bytes + traits::code_offset, t));
+#pragma unroll
+              for (int k = 0; k < traits::config.outliers; ++k) {
+                if (bytes[traits::outlier_index_offset + k] == t) {
+                  e = half_bits_to_float(static_cast<std::uint16_t>(
+                      bytes[traits::outlier_value_offset + 2 * k] |
+                      (bytes[traits::outlier_value_offset + 2 * k + 1] << 8)));
+                }
+              }
               cl = (tile == 0 && t == 0) || e < cl ? e : cl;
               ch = (tile == 0 && t == 0) || ch < e ? e : ch;
             }
