@@ -151,6 +151,7 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
               errc::invalid_argument,
               "stats = nullptr is not allowed (allowed: a decode_stats of device arrays when "
               "want_stats)");
+  const decode_stats st = stats != nullptr ? *stats : decode_stats{};
   const auto batch = static_cast<int>(seqs.size());
   OSCAR_CHECK_ARG(batch >= 1 && batch <= max_decode_batch, batch,
                   oscar::detail::concat("1 to ", max_decode_batch, " sequences per call"));
@@ -169,9 +170,9 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
       longest = std::max<int>(longest, static_cast<int>(
                                            cache.block_tokens_held(seqs[static_cast<std::size_t>(b)], layer, h)));
       if (opt.want_stats) {
-        OSCAR_CHECK_ARG(stats->mass_stride >= static_cast<std::size_t>(cache.tokens(
+        OSCAR_CHECK_ARG(st.mass_stride >= static_cast<std::size_t>(cache.tokens(
                                                   seqs[static_cast<std::size_t>(b)], layer, h)),
-                        stats->mass_stride,
+                        st.mass_stride,
                         oscar::detail::concat(">= the tokens of every entry of the call (slot ",
                                               seqs[static_cast<std::size_t>(b)], " head ", h,
                                               " holds ",
@@ -180,7 +181,7 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
       }
     }
   }
-  OSCAR_CHECK_ARG(!opt.want_stats || stats->mass_stride < (std::size_t{1} << 38), stats->mass_stride,
+  OSCAR_CHECK_ARG(!opt.want_stats || st.mass_stride < (std::size_t{1} << 38), st.mass_stride,
                   "below 2^38");
   const bool skipping = opt.skip_threshold > 0.0f;
   const bool features = opt.want_stats || skipping;  // served by the generic kernel
@@ -273,27 +274,9 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
         static_cast<std::size_t>(quant::blocks_per_tile<typename KV::value>(d)) *
         sizeof(typename quant::format_traits<typename KV::value>::block);
     lay.key_bytes = lay.key_tile_bytes * (bt / lay.key_tile_tokens);
-    // Optional features: scratch after the skip counters, the skip plan, the logits.
-    const paged_kv_view<KV> view = prm.cache;
-    const std::size_t entries = static_cast<std::size_t>(batch) * H;
-    const std::size_t skip_bytes = skipping ? (entries * view.max_blocks + 15) / 16 * 16 : 0;
-    const std::size_t logit_floats = opt.want_stats ? entries * G * stats->mass_stride : 0;
-    const std::size_t group_floats = opt.want_stats ? entries * G * 4 : 0;
-    if (features) {
-      std::byte* extra = ws.extra(16 + skip_bytes + sizeof(float) * (logit_floats + group_floats));
-      auto* counts = reinterpret_cast<unsigned long long*>(extra);
-      if (skipping) {
-        fill_async(counts, 0, 2 * sizeof(unsigned long long), stream);
-        auto* plan = reinterpret_cast<std::uint8_t*>(extra + 16);
-        skip_plan_kernel<KV><<<static_cast<unsigned>(entries), threads, 0, stream>>>(
-            prm, static_cast<double>(scale), static_cast<double>(opt.skip_threshold), plan, counts);
-        check_launch("skip_plan_kernel");
-        prm.skip = plan;
-      }
-      if (opt.want_stats) {
-        prm.stats_logits = reinterpret_cast<float*>(extra + 16 + skip_bytes);
-        prm.stats_stride = stats->mass_stride;
-      }
+    if (features) {  // the skip plan, and where the logits go (decode_common.cuh)
+      prepare_features(prm, opt, scale, &st, ws.extra(feature_scratch_bytes(prm, opt, &st)),
+                       stream);
     }
     kernel<<<dim3(static_cast<unsigned>(batch * H), static_cast<unsigned>(prm.window_items + splits)),
              threads, smem, stream>>>(prm, lay, unit);
@@ -313,30 +296,15 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
                        std::min(threads, std::max(d, warp_size)), combine_smem, stream>>>(prm, unrotate, out);
   check_launch("combine_kernel");
 
-  if (opt.want_stats) {
-    float* group_stats = prm.stats_logits + static_cast<std::size_t>(batch) * H * G * prm.stats_stride;
-    stats_reduce_kernel<KV><<<dim3(static_cast<unsigned>(G), static_cast<unsigned>(H),
-                                   static_cast<unsigned>(batch)),
-                              256, 0, stream>>>(prm, group_stats);
-    check_launch("stats_reduce_kernel");
-    const std::size_t token_blocks = std::max<std::size_t>(1, (stats->mass_stride + 255) / 256);
-    stats_mass_kernel<KV><<<dim3(static_cast<unsigned>(token_blocks), static_cast<unsigned>(H),
-                                 static_cast<unsigned>(batch)),
-                            256, 0, stream>>>(prm, group_stats, *stats);
-    check_launch("stats_mass_kernel");
-  }
+  if (opt.want_stats) finish_stats(prm, st, stream);
   if (opt.skipped) {
     attention::skip_report report;
     if (skipping) {
-      unsigned long long counts[2] = {0, 0};
-      copy_async(counts, ws.extra(16), sizeof counts, stream);
-      synchronize(stream);
       for (int b = 0; b < batch; ++b)
         for (int h = 0; h < H; ++h)
           report.blocks += (cache.block_tokens_held(seqs[static_cast<std::size_t>(b)], layer, h) +
                             bt - 1) / bt;
-      report.blocks_skipped = static_cast<index_t>(counts[0]);
-      report.tokens_skipped = static_cast<index_t>(counts[1]);
+      read_skip_counts(ws.extra(0), report, stream);
     }
     *opt.skipped = report;
   }
@@ -375,8 +343,9 @@ std::vector<attention::kv_head_stats> read_stats(const paged_kv<KV>& cache, int 
 namespace oscar::attention {
 
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
-/// Decode attention on an NVIDIA GPU; see the file comment. Throws `oscar::error` on bad
-/// arguments before queuing anything.
+/// Decode attention on an NVIDIA GPU; see the file comment. With `opt.want_stats`, `stats`
+/// says where the statistics go (device arrays). Throws `oscar::error` on bad arguments before
+/// queuing anything.
 template <class KV>
 void decode(backend::cuda, const gpu::paged_kv<KV>& cache, int layer,
             std::span<const gpu::slot_id> seqs, const float* q, float* out, const options& opt,

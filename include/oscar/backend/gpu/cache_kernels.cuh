@@ -96,17 +96,20 @@ OSCAR_HD_INLINE float window_round(float x) noexcept {
   return static_cast<float>(half(quant::clamp_finite(x, 65504.0f)));
 }
 
-/// A staged element as float (fp16 staging: exact).
-OSCAR_DEVICE OSCAR_FORCEINLINE float staged(float x) noexcept { return x; }
-OSCAR_DEVICE OSCAR_FORCEINLINE float staged(half x) noexcept {
+/// An fp16 value as float, with the hardware conversion where there is one (exact).
+OSCAR_DEVICE OSCAR_FORCEINLINE float half_to_float(half h) noexcept {
 #if defined(__CUDA_ARCH__)
   float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
   return f;
 #else
-  return static_cast<float>(x);
+  return static_cast<float>(h);
 #endif
 }
+
+/// A staged element as float (fp16 staging: exact).
+OSCAR_DEVICE OSCAR_FORCEINLINE float staged(float x) noexcept { return x; }
+OSCAR_DEVICE OSCAR_FORCEINLINE float staged(half x) noexcept { return half_to_float(x); }
 
 /// A window-ring element (fp16) staged as E.
 template <class E>

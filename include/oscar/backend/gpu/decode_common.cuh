@@ -24,6 +24,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "oscar/attention/types.hpp"
+#include "oscar/backend/gpu/cache_kernels.cuh"  // half_to_float
 #include "oscar/backend/gpu/paged_kv_view.hpp"
 #include "oscar/backend/gpu/warp.cuh"
 #include "oscar/core/hadamard.hpp"
@@ -115,16 +117,6 @@ OSCAR_HD_INLINE int window_items(const paged_kv_view<KV>& cache) noexcept {
 /// banks).
 inline int window_shared_floats(int group, int head_dim) {
   return group * head_dim + group * window_rows + window_rows * (head_dim + 2);
-}
-
-OSCAR_DEVICE OSCAR_FORCEINLINE float half_to_float(half h) noexcept {
-#if defined(__CUDA_ARCH__)
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
-  return f;
-#else
-  return static_cast<float>(h);
-#endif
 }
 
 /// Work item `item` of the sinks and window of entry (b, h): rows [64 item, 64 item + 64) of
@@ -444,6 +436,70 @@ __global__ void skip_plan_kernel(decode_params<KV> prm, double scale, double tau
       atomicAdd(&counts[1], static_cast<unsigned long long>(fill));
     }
   }
+}
+
+// ---- launching the optional features (decode calls that ask for them) --------------------------
+
+/// Device scratch of a call's optional features: 16 bytes of skip counters, the skip plan
+/// ([batch][kv_heads][max_blocks] bytes, padded to 16), then the logits
+/// ([batch][kv_heads][group][mass_stride] floats) and the per-query statistics (4 floats each).
+template <class KV>
+std::size_t feature_scratch_bytes(const decode_params<KV>& prm, const attention::options& opt,
+                                  const decode_stats* stats) {
+  const std::size_t entries = static_cast<std::size_t>(prm.batch) * prm.cache.kv_heads;
+  const std::size_t plan = opt.skip_threshold > 0.0f ? (entries * prm.cache.max_blocks + 15) / 16 * 16 : 0;
+  const std::size_t floats =
+      opt.want_stats ? entries * prm.group * (stats->mass_stride + 4) : 0;
+  return 16 + plan + sizeof(float) * floats;
+}
+
+/// Queues the skip plan (with `opt.skip_threshold > 0`) and points `prm` at it and at the
+/// logits buffer (with `opt.want_stats`), in `scratch` (`feature_scratch_bytes`).
+template <class KV>
+void prepare_features(decode_params<KV>& prm, const attention::options& opt, float scale,
+                      const decode_stats* stats, std::byte* scratch, stream_t stream) {
+  const std::size_t entries = static_cast<std::size_t>(prm.batch) * prm.cache.kv_heads;
+  const bool skipping = opt.skip_threshold > 0.0f;
+  const std::size_t plan_bytes = skipping ? (entries * prm.cache.max_blocks + 15) / 16 * 16 : 0;
+  if (skipping) {
+    auto* counts = reinterpret_cast<unsigned long long*>(scratch);
+    auto* plan = reinterpret_cast<std::uint8_t*>(scratch + 16);
+    fill_async(counts, 0, 2 * sizeof(unsigned long long), stream);
+    skip_plan_kernel<KV><<<static_cast<unsigned>(entries), 128, 0, stream>>>(
+        prm, static_cast<double>(scale), static_cast<double>(opt.skip_threshold), plan, counts);
+    check_launch("skip_plan_kernel");
+    prm.skip = plan;
+  }
+  if (opt.want_stats) {
+    prm.stats_logits = reinterpret_cast<float*>(scratch + 16 + plan_bytes);
+    prm.stats_stride = stats->mass_stride;
+  }
+}
+
+/// Queues the statistics kernels after the decode kernel wrote the logits.
+template <class KV>
+void finish_stats(const decode_params<KV>& prm, const decode_stats& stats, stream_t stream) {
+  const int H = prm.cache.kv_heads, G = prm.group;
+  float* group_stats =
+      prm.stats_logits + static_cast<std::size_t>(prm.batch) * H * G * prm.stats_stride;
+  const dim3 heads(static_cast<unsigned>(G), static_cast<unsigned>(H), static_cast<unsigned>(prm.batch));
+  stats_reduce_kernel<KV><<<heads, 256, 0, stream>>>(prm, group_stats);
+  check_launch("stats_reduce_kernel");
+  const std::size_t token_blocks = (stats.mass_stride + 255) / 256;
+  stats_mass_kernel<KV><<<dim3(static_cast<unsigned>(token_blocks > 0 ? token_blocks : 1),
+                               static_cast<unsigned>(H), static_cast<unsigned>(prm.batch)),
+                          256, 0, stream>>>(prm, group_stats, stats);
+  check_launch("stats_mass_kernel");
+}
+
+/// Waits for the stream and adds the skip counters in `scratch` to `report`.
+inline void read_skip_counts(const std::byte* scratch, attention::skip_report& report,
+                             stream_t stream) {
+  unsigned long long counts[2] = {0, 0};
+  copy_async(counts, scratch, sizeof counts, stream);
+  synchronize(stream);
+  report.blocks_skipped += static_cast<index_t>(counts[0]);
+  report.tokens_skipped += static_cast<index_t>(counts[1]);
 }
 
 #endif  // OSCAR_GPU_COMPILER
