@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file
-/// Kernels that write a device paged cache (`gpu::paged_kv`): the append path, in three
+/// Kernels that write a device paged cache (`gpu::paged_kv`): the append path, in up to four
 /// stream-ordered launches, and the small table scatter.
 ///
 /// An append of `n` tokens to each of a batch of sequences (one layer) does, per entry, what

@@ -461,7 +461,7 @@ class paged_kv {
       throw;
     }
 
-    // Queue: metadata upload, copy-on-write copies, table writes, then the three kernels.
+    // Queue: metadata upload, copy-on-write copies, table writes, then the append kernels.
     std::vector<std::byte> bytes;
     const std::size_t at_entries =
         detail::put_bytes(bytes, std::span<const detail::entry_job>(entry_jobs));
