@@ -18,6 +18,17 @@
 /// (groups of more than 8 query heads read each record once per 8 heads); otherwise the
 /// generic kernel (decode_generic.cuh), which also serves HIP. All split each (sequence, KV
 /// head) into enough work items to fill the device, then `combine_kernel` merges them.
+///
+/// Optional features run on the generic kernel for every format and layout (a call that asks
+/// for them never takes the tensor-core kernel; the generic kernel also reads both kinds of mma record):
+/// - statistics (`options::want_stats`): pass a `gpu::decode_stats` of device arrays; it
+///   receives the host backend's `kv_head_stats` quantities (`gpu::read_stats` copies them
+///   into that struct, synchronizing). The logits of every token go through device scratch
+///   (4 bytes per token and query head) and two small kernels after the combine.
+/// - query-aware block skipping (`options::skip_threshold > 0`): the rule and error bound of
+///   `attention/skip.hpp`, from the block key summaries `paged_kv` keeps, evaluated in float64
+///   as the host evaluates it, so the same blocks are skipped. `options::skipped`, when set,
+///   receives the counts; that waits for the stream (the counts are on the device).
 #pragma once
 
 #include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
@@ -30,6 +41,7 @@
 #include <span>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "oscar/attention/host.hpp"  // detail::check_common: the same argument checks
 #include "oscar/attention/types.hpp"
@@ -76,6 +88,12 @@ class decode_workspace {
     }
     return device_;
   }
+  /// Device scratch of at least `bytes` bytes for the optional features (statistics, block
+  /// skipping); grows like the rest.
+  std::byte* extra(std::size_t bytes) {
+    if (extra_.size() < bytes) extra_ = device_buffer<std::byte>(bytes);
+    return extra_.data();
+  }
   /// What the last call ran (for tests and benchmarks).
   decode_kernel last_kernel = decode_kernel::automatic;
   int last_splits = 0;
@@ -83,6 +101,7 @@ class decode_workspace {
 
  private:
   device_buffer<float> o_, ml_;
+  device_buffer<std::byte> extra_;
   device_properties device_;
   bool have_device_ = false;
 };
@@ -125,11 +144,16 @@ inline int choose_splits(int resident, int entries, int longest, int min_work) {
 template <class KV>
 void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> seqs,
                  const float* q, float* out, const attention::options& opt,
-                 decode_workspace& ws, stream_t stream, const decode_config& cfg) {
+                 decode_workspace& ws, stream_t stream, const decode_config& cfg,
+                 const decode_stats* stats) {
   const cache::cache_config& cc = cache.config();
   const float scale = attention::detail::check_common(cache, layer, opt);  // as the host's
-  OSCAR_CHECK(!opt.want_stats, errc::unsupported,
-              "want_stats = true is not supported by the GPU decode yet (allowed: false)");
+  OSCAR_CHECK(!opt.want_stats || (stats != nullptr && stats->lse != nullptr &&
+                                  stats->entropy != nullptr && stats->token_mass != nullptr),
+              errc::invalid_argument,
+              "stats = nullptr is not allowed (allowed: a decode_stats of device arrays when "
+              "want_stats)");
+  const decode_stats st = stats != nullptr ? *stats : decode_stats{};
   const auto batch = static_cast<int>(seqs.size());
   OSCAR_CHECK_ARG(batch >= 1 && batch <= max_decode_batch, batch,
                   oscar::detail::concat("1 to ", max_decode_batch, " sequences per call"));
@@ -147,8 +171,22 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
                   " (allowed: decode over at least one cached token)");
       longest = std::max<int>(longest, static_cast<int>(
                                            cache.block_tokens_held(seqs[static_cast<std::size_t>(b)], layer, h)));
+      if (opt.want_stats) {
+        OSCAR_CHECK_ARG(st.mass_stride >= static_cast<std::size_t>(cache.tokens(
+                                                  seqs[static_cast<std::size_t>(b)], layer, h)),
+                        st.mass_stride,
+                        oscar::detail::concat(">= the tokens of every entry of the call (slot ",
+                                              seqs[static_cast<std::size_t>(b)], " head ", h,
+                                              " holds ",
+                                              cache.tokens(seqs[static_cast<std::size_t>(b)], layer, h),
+                                              ")"));
+      }
     }
   }
+  OSCAR_CHECK_ARG(!opt.want_stats || st.mass_stride < (std::size_t{1} << 38), st.mass_stride,
+                  "below 2^38");
+  const bool skipping = opt.skip_threshold > 0.0f;
+  const bool features = opt.want_stats || skipping;  // served by the generic kernel
 
   decode_params<KV> prm;
   prm.cache = cache.view();
@@ -166,14 +204,16 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
   tensor_cores =
       has_mma_layout_v<KV> && cache.layout() == block_layout::mma && dev.major >= 8;
 #endif
-  if (cfg.kernel == decode_kernel::generic) tensor_cores = false;
+  if (cfg.kernel == decode_kernel::generic || features) tensor_cores = false;
+  OSCAR_CHECK(cfg.kernel != decode_kernel::tensor_core || !features, errc::unsupported,
+              "statistics and block skipping run on the generic decode kernel (allowed: "
+              "decode_kernel::automatic or generic with want_stats or skip_threshold > 0)");
   OSCAR_CHECK(cfg.kernel != decode_kernel::tensor_core || tensor_cores, errc::unsupported,
               "the tensor-core decode kernel needs a CUDA device of compute capability 8.0 or "
               "newer and a cache in the mma layout (FP2+ or FP2+ with per-channel keys, head_dim "
               "64 or 128)");
-  OSCAR_CHECK(tensor_cores || cache.layout() == block_layout::native, errc::unsupported,
-              "a cache in the mma layout needs the tensor-core kernel (CUDA, sm_80+); create the "
-              "cache with paged_kv_options::native_layout for other devices");
+  // The generic kernel reads the native layout and both kinds of mma record
+  // (decode_generic.cuh, `decode_record`).
 
   const int threads = 128;
   std::size_t smem = 0;
@@ -229,7 +269,13 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
 #endif
   } else {
     const int unit = generic_unit_tokens(cache.chunk_tokens(), bt);
-    smem = generic_shared_bytes(unit, G, d);
+    std::size_t record_native = 0;  // the generic kernel rebuilds default-FP2+ records
+    if constexpr (has_mma_layout_v<KV>) {
+      if (record_layout<KV>::lm && cache.layout() == block_layout::mma) {
+        record_native = static_cast<std::size_t>(record_layout<KV>::bytes(d));
+      }
+    }
+    smem = generic_shared_bytes(unit, G, d, record_native);
     auto kernel = decode_generic_kernel<KV>;
     allow_dynamic_shared(kernel, smem);
     if (splits <= 0) {
@@ -253,6 +299,10 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
         static_cast<std::size_t>(quant::blocks_per_tile<typename KV::value>(d)) *
         sizeof(typename quant::format_traits<typename KV::value>::block);
     lay.key_bytes = lay.key_tile_bytes * (bt / lay.key_tile_tokens);
+    if (features) {  // the skip plan, and where the logits go (decode_common.cuh)
+      prepare_features(prm, opt, scale, &st, ws.extra(feature_scratch_bytes(prm, opt, &st)),
+                       stream);
+    }
     kernel<<<dim3(static_cast<unsigned>(batch * H), static_cast<unsigned>(prm.window_items + splits)),
              threads, smem, stream>>>(prm, lay, unit);
     check_launch("decode_generic_kernel");
@@ -270,21 +320,63 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
                             static_cast<unsigned>(batch)),
                        std::min(threads, std::max(d, warp_size)), combine_smem, stream>>>(prm, unrotate, out);
   check_launch("combine_kernel");
+
+  if (opt.want_stats) finish_stats(prm, st, stream);
+  if (opt.skipped) {
+    attention::skip_report report;
+    if (skipping) {
+      for (int b = 0; b < batch; ++b)
+        for (int h = 0; h < H; ++h)
+          report.blocks += (cache.block_tokens_held(seqs[static_cast<std::size_t>(b)], layer, h) +
+                            bt - 1) / bt;
+      read_skip_counts(ws.extra(0), report, stream);
+    }
+    *opt.skipped = report;
+  }
 }
 
 }  // namespace detail
+
+/// Copies the statistics a decode call wrote into `stats` back to the host, in the host
+/// backend's form: `seqs.size() * kv_heads` entries (batch-major), each `token_mass` as long as
+/// its entry (sinks, blocks, window). Synchronizes `stream`.
+template <class KV>
+std::vector<attention::kv_head_stats> read_stats(const paged_kv<KV>& cache, int layer,
+                                                 std::span<const slot_id> seqs,
+                                                 const decode_stats& stats, stream_t stream) {
+  const int H = cache.config().kv_heads;
+  const std::size_t entries = seqs.size() * static_cast<std::size_t>(H);
+  std::vector<float> lse(entries), entropy(entries), mass(entries * stats.mass_stride);
+  copy_async(lse.data(), stats.lse, entries * sizeof(float), stream);
+  copy_async(entropy.data(), stats.entropy, entries * sizeof(float), stream);
+  copy_async(mass.data(), stats.token_mass, mass.size() * sizeof(float), stream);
+  synchronize(stream);
+  std::vector<attention::kv_head_stats> out(entries);
+  for (std::size_t i = 0; i < entries; ++i) {
+    const auto tokens = static_cast<std::size_t>(
+        cache.tokens(seqs[i / static_cast<std::size_t>(H)], layer, static_cast<int>(i % H)));
+    out[i].lse = lse[i];
+    out[i].entropy = entropy[i];
+    out[i].token_mass.assign(mass.begin() + static_cast<std::ptrdiff_t>(i * stats.mass_stride),
+                             mass.begin() + static_cast<std::ptrdiff_t>(i * stats.mass_stride + tokens));
+  }
+  return out;
+}
+
 }  // namespace oscar::gpu
 
 namespace oscar::attention {
 
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
-/// Decode attention on an NVIDIA GPU; see the file comment. Throws `oscar::error` on bad
-/// arguments before queuing anything.
+/// Decode attention on an NVIDIA GPU; see the file comment. With `opt.want_stats`, `stats`
+/// says where the statistics go (device arrays). Throws `oscar::error` on bad arguments before
+/// queuing anything.
 template <class KV>
 void decode(backend::cuda, const gpu::paged_kv<KV>& cache, int layer,
             std::span<const gpu::slot_id> seqs, const float* q, float* out, const options& opt,
-            gpu::decode_workspace& ws, gpu::stream_t stream, const gpu::decode_config& cfg = {}) {
-  gpu::detail::decode_impl(cache, layer, seqs, q, out, opt, ws, stream, cfg);
+            gpu::decode_workspace& ws, gpu::stream_t stream, const gpu::decode_config& cfg = {},
+            const gpu::decode_stats* stats = nullptr) {
+  gpu::detail::decode_impl(cache, layer, seqs, q, out, opt, ws, stream, cfg, stats);
 }
 #endif
 
@@ -293,8 +385,9 @@ void decode(backend::cuda, const gpu::paged_kv<KV>& cache, int layer,
 template <class KV>
 void decode(backend::hip, const gpu::paged_kv<KV>& cache, int layer,
             std::span<const gpu::slot_id> seqs, const float* q, float* out, const options& opt,
-            gpu::decode_workspace& ws, gpu::stream_t stream, const gpu::decode_config& cfg = {}) {
-  gpu::detail::decode_impl(cache, layer, seqs, q, out, opt, ws, stream, cfg);
+            gpu::decode_workspace& ws, gpu::stream_t stream, const gpu::decode_config& cfg = {},
+            const gpu::decode_stats* stats = nullptr) {
+  gpu::detail::decode_impl(cache, layer, seqs, q, out, opt, ws, stream, cfg, stats);
 }
 #endif
 

@@ -23,7 +23,9 @@
 /// Supported: create, fork (copy-on-write: blocks are shared, the last block is copied when a
 /// fork appends into it), free, append (many sequences of one layer, n tokens each), upload of
 /// sequences from a host `kv_cache` whose blocks are all in the low tier with no evicted tokens,
-/// and read-back. Not (yet) on the device: evict, compact, per-block key summaries, tiers.
+/// and read-back. Each block keeps the host pool's key summary (per-channel min/max of its
+/// decoded keys, fp16 rounded outward), written by upload and append as the host writes it.
+/// Not (yet) on the device: evict, compact, tiers.
 #pragma once
 
 #include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
@@ -183,12 +185,14 @@ class paged_kv {
     sink_v_ = device_buffer<half>(sink_elems);
     window_k_ = device_buffer<half>(window_elems);
     window_v_ = device_buffer<half>(window_elems);
+    key_bounds_ = device_buffer<half>(options.pool_blocks * 2 * static_cast<std::size_t>(d));
     fill_async(pool_.data(), 0, pool_.bytes(), stream);
     fill_async(tables_.data(), 0, tables_.bytes(), stream);
     fill_async(sink_k_.data(), 0, sink_k_.bytes(), stream);
     fill_async(sink_v_.data(), 0, sink_v_.bytes(), stream);
     fill_async(window_k_.data(), 0, window_k_.bytes(), stream);
     fill_async(window_v_.data(), 0, window_v_.bytes(), stream);
+    fill_async(key_bounds_.data(), 0, key_bounds_.bytes(), stream);
 
     refcount_.assign(options.pool_blocks, 0);
     free_.reserve(options.pool_blocks);
@@ -218,6 +222,7 @@ class paged_kv {
     v.sink_v = sink_v_.data();
     v.window_k = window_k_.data();
     v.window_v = window_v_.data();
+    v.key_bounds = key_bounds_.data();
     v.layers = config_.layers;
     v.kv_heads = config_.kv_heads;
     v.head_dim = config_.head_dim;
@@ -318,105 +323,148 @@ class paged_kv {
     OSCAR_CHECK_ARG(layer >= 0 && layer < config_.layers, layer,
                     oscar::detail::concat("0 to ", config_.layers - 1));
     OSCAR_CHECK_ARG(tokens >= 1, tokens, ">= 1");
-    for (std::size_t i = 0; i < slots.size(); ++i) {
-      check_slot(slots[i]);
-      for (std::size_t j = 0; j < i; ++j) {
-        OSCAR_CHECK_ARG(slots[j] != slots[i], slots[i], "each slot at most once per append");
-      }
+    std::vector<char> seen(static_cast<std::size_t>(options_.max_sequences), 0);
+    for (slot_id slot : slots) {
+      check_slot(slot);
+      OSCAR_CHECK_ARG(!seen[static_cast<std::size_t>(slot)], slot, "each slot at most once per append");
+      seen[static_cast<std::size_t>(slot)] = 1;
     }
     if (slots.empty()) return;
 
-    // Plan on copies of the bookkeeping; commit only when everything fits.
+    // Plan: update the host bookkeeping in place, logging what changed, and undo it all if a
+    // block or a table runs out, so that a failed append leaves the cache as it was. The
+    // planning is O(work of the call) (single-token steps of many sequences are host-bound).
     const int bt = config_.block_tokens, H = config_.kv_heads;
+    const std::size_t entries = slots.size() * static_cast<std::size_t>(H);
     std::vector<detail::entry_job> entry_jobs;
     std::vector<detail::chunk_job> chunk_jobs;
     std::vector<detail::table_write> writes;
     std::vector<std::pair<std::int32_t, std::int32_t>> copies;  // COW: from, to
-    std::vector<mirror_entry> planned;
-    std::vector<std::int32_t> free_copy = free_;
-    std::vector<std::uint32_t> ref_copy = refcount_;
+    entry_jobs.reserve(entries);
+    struct undo_entry {
+      std::size_t e;
+      std::size_t table_size;
+      std::int32_t last;  ///< table.back() before a copy-on-write replaced it
+      int tokens, sinks, window, start;
+      index_t appended;
+      bool calibrated;
+    };
+    std::vector<undo_entry> undo;
+    std::vector<std::int32_t> taken, unshared;  // blocks allocated; shared blocks released
+    undo.reserve(entries);
     auto allocate = [&]() -> std::int32_t {
-      OSCAR_CHECK(!free_copy.empty(), errc::out_of_memory, "append needs more blocks than the ",
+      OSCAR_CHECK(!free_.empty(), errc::out_of_memory, "append needs more blocks than the ",
                   options_.pool_blocks,
                   " of the device pool; nothing was changed (free sequences, then retry)");
-      const std::int32_t id = free_copy.back();
-      free_copy.pop_back();
-      ref_copy[static_cast<std::size_t>(id)] = 1;
+      const std::int32_t id = free_.back();
+      free_.pop_back();
+      refcount_[static_cast<std::size_t>(id)] = 1;
+      taken.push_back(id);
       return id;
     };
-    bool any_calibration = false;
-    for (std::size_t b = 0; b < slots.size(); ++b) {
-      for (int h = 0; h < H; ++h) {
-        const std::size_t e = entry_index(slots[b], layer, h);
-        mirror_entry m = mirror_[e];
-        detail::entry_job job{};
-        job.entry = static_cast<std::int64_t>(e);
-        job.batch = static_cast<std::int32_t>(b);
-        job.head = h;
-        job.old_window = m.window;
-        job.old_start = m.start;
-        job.old_sinks = m.sinks;
-        const index_t sink_room = std::max<index_t>(0, config_.sink_tokens - m.appended);
-        job.to_sinks = static_cast<std::int32_t>(std::min<index_t>(sink_room, tokens));
-        const int window = m.window + tokens - job.to_sinks;
-        const int chunks =
-            window >= config_.window_tokens + chunk_ ? (window - config_.window_tokens) / chunk_ : 0;
-        job.aged = chunks * chunk_;
-        job.calibrate = (chunks > 0 && !m.calibrated) ? 1 : 0;
-        any_calibration = any_calibration || job.calibrate;
-        bool own_last = false;  // the last block was allocated or copied in this call
-        for (int c = 0; c < chunks; ++c) {
-          const int size = static_cast<int>(m.table.size());
-          const int last_fill = size == 0 ? bt : m.tokens - (size - 1) * bt;
-          if (last_fill == bt) {
-            OSCAR_CHECK(size < max_blocks_, errc::out_of_memory, "append would give slot ",
-                        slots[b], " layer ", layer, " head ", h, " more than ", max_blocks_,
-                        " blocks (capacity max_tokens = ", options_.max_tokens,
-                        "); nothing was changed");
-            const std::int32_t id = allocate();
-            m.table.push_back(id);
-            writes.push_back({static_cast<std::int64_t>(e) * max_blocks_ + size, id});
-            own_last = true;
-          } else if (!own_last) {
-            own_last = true;
-            if (ref_copy[static_cast<std::size_t>(m.table.back())] > 1) {
-              const std::int32_t id = allocate();  // copy-on-write of a shared last block
-              --ref_copy[static_cast<std::size_t>(m.table.back())];
-              copies.emplace_back(m.table.back(), id);
-              m.table.back() = id;
-              writes.push_back({static_cast<std::int64_t>(e) * max_blocks_ + (size - 1), id});
-            }
-          }
-          const int fill = m.tokens - (static_cast<int>(m.table.size()) - 1) * bt;
-          detail::chunk_job cj{};
-          cj.entry = job.entry;
-          cj.batch = job.batch;
-          cj.head = h;
-          cj.first_row = c * chunk_;
-          cj.old_window = m.window;
-          cj.old_start = m.start;
-          cj.to_sinks = job.to_sinks;
-          cj.block = m.table.back();
-          cj.offset = fill;
-          chunk_jobs.push_back(cj);
-          m.tokens += chunk_;
-        }
-        m.appended += tokens;
-        m.sinks += job.to_sinks;
-        m.window = window - job.aged;
-        m.start = (m.start + job.aged) % window_capacity_;
-        m.calibrated = m.calibrated || chunks > 0;
-        job.new_blocks = static_cast<std::int32_t>(m.table.size());
-        job.new_tokens = m.tokens;
-        job.new_sinks = m.sinks;
-        job.new_window = m.window;
-        job.new_start = m.start;
-        entry_jobs.push_back(job);
-        planned.push_back(std::move(m));
+    const auto undo_plan = [&]() noexcept {  // the cache as it was before the call
+      for (auto it = undo.rbegin(); it != undo.rend(); ++it) {
+        mirror_entry& m = mirror_[it->e];
+        m.table.resize(it->table_size);
+        if (!m.table.empty()) m.table.back() = it->last;
+        m.tokens = it->tokens;
+        m.sinks = it->sinks;
+        m.window = it->window;
+        m.start = it->start;
+        m.appended = it->appended;
+        m.calibrated = it->calibrated;
       }
+      for (std::int32_t id : unshared) ++refcount_[static_cast<std::size_t>(id)];
+      for (auto it = taken.rbegin(); it != taken.rend(); ++it) {
+        refcount_[static_cast<std::size_t>(*it)] = 0;
+        free_.push_back(*it);
+      }
+    };
+    bool any_calibration = false;
+    try {
+      for (std::size_t b = 0; b < slots.size(); ++b) {
+        for (int h = 0; h < H; ++h) {
+          const std::size_t e = entry_index(slots[b], layer, h);
+          mirror_entry& m = mirror_[e];
+          undo.push_back({e, m.table.size(), m.table.empty() ? -1 : m.table.back(), m.tokens,
+                          m.sinks, m.window, m.start, m.appended, m.calibrated});
+          detail::entry_job job{};
+          job.entry = static_cast<std::int64_t>(e);
+          job.batch = static_cast<std::int32_t>(b);
+          job.head = h;
+          job.old_window = m.window;
+          job.old_start = m.start;
+          job.old_sinks = m.sinks;
+          const index_t sink_room = std::max<index_t>(0, config_.sink_tokens - m.appended);
+          job.to_sinks = static_cast<std::int32_t>(std::min<index_t>(sink_room, tokens));
+          const int window = m.window + tokens - job.to_sinks;
+          const int chunks = window >= config_.window_tokens + chunk_
+                                 ? (window - config_.window_tokens) / chunk_
+                                 : 0;
+          job.aged = chunks * chunk_;
+          job.calibrate = (chunks > 0 && !m.calibrated) ? 1 : 0;
+          any_calibration = any_calibration || job.calibrate;
+          job.first_chunk = static_cast<std::int32_t>(chunk_jobs.size());
+          job.chunks = chunks;
+          const int old_window = m.window, old_start = m.start;
+          bool own_last = false;  // the last block was allocated or copied in this call
+          for (int c = 0; c < chunks; ++c) {
+            const int size = static_cast<int>(m.table.size());
+            const int last_fill = size == 0 ? bt : m.tokens - (size - 1) * bt;
+            if (last_fill == bt) {
+              OSCAR_CHECK(size < max_blocks_, errc::out_of_memory, "append would give slot ",
+                          slots[b], " layer ", layer, " head ", h, " more than ", max_blocks_,
+                          " blocks (capacity max_tokens = ", options_.max_tokens,
+                          "); nothing was changed");
+              const std::int32_t id = allocate();
+              m.table.push_back(id);
+              writes.push_back({static_cast<std::int64_t>(e) * max_blocks_ + size, id});
+              own_last = true;
+            } else if (!own_last) {
+              own_last = true;
+              const std::int32_t shared = m.table.back();
+              if (refcount_[static_cast<std::size_t>(shared)] > 1) {
+                const std::int32_t id = allocate();  // copy-on-write of a shared last block
+                --refcount_[static_cast<std::size_t>(shared)];
+                unshared.push_back(shared);
+                copies.emplace_back(shared, id);
+                m.table.back() = id;
+                writes.push_back({static_cast<std::int64_t>(e) * max_blocks_ + (size - 1), id});
+              }
+            }
+            const int fill = m.tokens - (static_cast<int>(m.table.size()) - 1) * bt;
+            detail::chunk_job cj{};
+            cj.entry = job.entry;
+            cj.batch = job.batch;
+            cj.head = h;
+            cj.first_row = c * chunk_;
+            cj.old_window = old_window;
+            cj.old_start = old_start;
+            cj.to_sinks = job.to_sinks;
+            cj.block = m.table.back();
+            cj.offset = fill;
+            chunk_jobs.push_back(cj);
+            m.tokens += chunk_;
+          }
+          m.appended += tokens;
+          m.sinks += job.to_sinks;
+          m.window = window - job.aged;
+          m.start = (m.start + job.aged) % window_capacity_;
+          m.calibrated = m.calibrated || chunks > 0;
+          job.new_blocks = static_cast<std::int32_t>(m.table.size());
+          job.new_tokens = m.tokens;
+          job.new_sinks = m.sinks;
+          job.new_window = m.window;
+          job.new_start = m.start;
+          entry_jobs.push_back(job);
+        }
+      }
+    } catch (...) {
+      undo_plan();
+      throw;
     }
 
-    // Queue: metadata upload, copy-on-write copies, table writes, then the three kernels.
+    // Queue: metadata upload, copy-on-write copies, table writes, then the append kernels.
     std::vector<std::byte> bytes;
     const std::size_t at_entries =
         detail::put_bytes(bytes, std::span<const detail::entry_job>(entry_jobs));
@@ -424,19 +472,41 @@ class paged_kv {
         detail::put_bytes(bytes, std::span<const detail::chunk_job>(chunk_jobs));
     const std::size_t at_writes =
         detail::put_bytes(bytes, std::span<const detail::table_write>(writes));
-    if (scratch_.bytes() < bytes.size()) scratch_ = device_buffer<std::byte>(bytes.size() * 2);
-    std::byte* host = staging_.acquire(bytes.size());
+    // Device-only scratch after the metadata: each chunk's key min/max ([chunks][2][d] floats),
+    // then the calibration maxima ([entries][2] float bits).
+    const std::size_t at_bounds = bytes.size();
+    const std::size_t at_amax =
+        at_bounds + chunk_jobs.size() * 2 * static_cast<std::size_t>(config_.head_dim) * sizeof(float);
+    const std::size_t scratch_bytes = at_amax + entry_jobs.size() * 2 * sizeof(unsigned);
+    std::byte* host = nullptr;
+    try {  // device or pinned memory can run out here: nothing is queued yet
+      if (scratch_.bytes() < scratch_bytes) scratch_ = device_buffer<std::byte>(scratch_bytes * 2);
+      host = staging_.acquire(bytes.size());
+    } catch (...) {
+      undo_plan();
+      throw;
+    }
     std::memcpy(host, bytes.data(), bytes.size());
     copy_async(scratch_.data(), host, bytes.size(), stream);
     staging_.release(stream);
+    const std::size_t summary_elems = 2 * static_cast<std::size_t>(config_.head_dim);
     for (const auto& [from, to] : copies) {
       copy_async(pool_.data() + static_cast<std::size_t>(to) * block_bytes_,
                  pool_.data() + static_cast<std::size_t>(from) * block_bytes_, block_bytes_,
                  stream);
+      copy_async(key_bounds_.data() + static_cast<std::size_t>(to) * summary_elems,
+                 key_bounds_.data() + static_cast<std::size_t>(from) * summary_elems,
+                 summary_elems * sizeof(half), stream);
     }
     const auto* d_entries = reinterpret_cast<const detail::entry_job*>(scratch_.data() + at_entries);
     const auto* d_chunks = reinterpret_cast<const detail::chunk_job*>(scratch_.data() + at_chunks);
     const auto* d_writes = reinterpret_cast<const detail::table_write*>(scratch_.data() + at_writes);
+    auto* d_bounds = reinterpret_cast<float*>(scratch_.data() + at_bounds);
+    auto* d_amax = reinterpret_cast<unsigned*>(scratch_.data() + at_amax);
+    // Blocks per entry for work over its rows: about 16 rows (two per warp) per block.
+    const auto row_blocks = [&](int rows) {
+      return static_cast<unsigned>(std::clamp((rows + 15) / 16, 1, 64));
+    };
     const paged_kv_view<KV> cv = view();
     const detail::append_input<T> input{k, v, tokens};
     if (!writes.empty()) {
@@ -447,26 +517,27 @@ class paged_kv {
     }
     const int jobs = static_cast<int>(entry_jobs.size());
     if (any_calibration && detail::needs_calibration_v<KV>) {
-      detail::calibrate_kernel<KV, T><<<jobs, 256, 0, stream>>>(cv, input, d_entries, jobs);
+      fill_async(d_amax, 0, entry_jobs.size() * 2 * sizeof(unsigned), stream);
+      const int rows = window_capacity_ + tokens;  // at most, per entry
+      detail::calibrate_kernel<KV, T><<<dim3(static_cast<unsigned>(jobs), row_blocks(rows)), 256, 0,
+                                        stream>>>(cv, input, d_entries, d_amax);
       check_launch("calibrate_kernel");
+      detail::calibrate_finish_kernel<KV><<<(jobs + 255) / 256, 256, 0, stream>>>(cv, d_entries, jobs,
+                                                                                 d_amax);
+      check_launch("calibrate_finish_kernel");
     }
     if (!chunk_jobs.empty()) {
       const std::size_t smem = detail::encode_chunk_shared_bytes<KV>(chunk_, config_.head_dim, layout_);
       allow_dynamic_shared(detail::encode_chunk_kernel<KV, T>, smem);
-      detail::encode_chunk_kernel<KV, T><<<static_cast<unsigned>(chunk_jobs.size()), 128, smem,
-                                           stream>>>(cv, input, d_chunks, offsets_);
+      detail::encode_chunk_kernel<KV, T>
+          <<<static_cast<unsigned>(chunk_jobs.size()), detail::encode_threads, smem, stream>>>(
+              cv, input, d_chunks, offsets_, d_bounds);
       check_launch("encode_chunk_kernel");
     }
-    detail::window_kernel<KV, T><<<jobs, 256, 0, stream>>>(cv, input, d_entries);
+    const int kept_rows = std::min(tokens, config_.sink_tokens + window_capacity_);  // at most
+    detail::window_kernel<KV, T><<<dim3(static_cast<unsigned>(jobs), row_blocks(kept_rows)), 256, 0,
+                                   stream>>>(cv, input, d_entries, d_chunks, d_bounds);
     check_launch("window_kernel");
-
-    // Commit the bookkeeping.
-    free_ = std::move(free_copy);
-    refcount_ = std::move(ref_copy);
-    std::size_t i = 0;
-    for (std::size_t b = 0; b < slots.size(); ++b) {
-      for (int h = 0; h < H; ++h) mirror_[entry_index(slots[b], layer, h)] = std::move(planned[i++]);
-    }
   }
 
   // ---- upload from a host cache ---------------------------------------------------------------
@@ -562,9 +633,14 @@ class paged_kv {
     std::vector<std::byte> bytes;
     std::vector<std::pair<std::size_t, std::int32_t>> block_at;  // staging offset, device id
     std::vector<std::byte> converted(block_bytes_);
+    std::vector<std::size_t> bounds_at;  // staging offset of each new block's key min, max
+    std::vector<half> bounds(2 * static_cast<std::size_t>(d));
     for (const auto& [host_id, dev_id] : fresh) {
       convert_block(pool.data(host_id), converted.data());
       block_at.emplace_back(detail::put_bytes(bytes, std::span<const std::byte>(converted)), dev_id);
+      std::copy(pool.key_min(host_id).begin(), pool.key_min(host_id).end(), bounds.begin());
+      std::copy(pool.key_max(host_id).begin(), pool.key_max(host_id).end(), bounds.begin() + d);
+      bounds_at.push_back(detail::put_bytes(bytes, std::span<const half>(bounds)));
     }
     struct entry_bytes {
       std::size_t state, table, sink_k, sink_v, window_k, window_v;
@@ -599,9 +675,12 @@ class paged_kv {
     }
     std::byte* host_bytes = staging_.acquire(bytes.size());
     std::memcpy(host_bytes, bytes.data(), bytes.size());
-    for (const auto& [offset, id] : block_at) {
+    for (std::size_t b = 0; b < block_at.size(); ++b) {
+      const auto [offset, id] = block_at[b];
       copy_async(pool_.data() + static_cast<std::size_t>(id) * block_bytes_, host_bytes + offset,
                  block_bytes_, stream);
+      copy_async(key_bounds_.data() + static_cast<std::size_t>(id) * bounds.size(),
+                 host_bytes + bounds_at[b], bounds.size() * sizeof(half), stream);
     }
     i = 0;
     for (std::size_t q = 0; q < seqs.size(); ++q) {
@@ -648,6 +727,7 @@ class paged_kv {
   struct entry_snapshot {
     std::vector<std::vector<std::byte>> blocks;  ///< native bytes of each block
     std::vector<int> fills;
+    std::vector<std::vector<half>> key_bounds;  ///< per block: key min [head_dim], then max
     std::vector<half> sink_k, sink_v, window_k, window_v;  ///< [rows][head_dim]
     state device_state;
   };
@@ -680,6 +760,11 @@ class paged_kv {
                  block_bytes_, stream);
       synchronize(stream);
       snap.blocks.push_back(native_block(raw.data()));
+      std::vector<half> kb(2 * static_cast<std::size_t>(d));
+      copy_async(kb.data(), key_bounds_.data() + static_cast<std::size_t>(table[i]) * kb.size(),
+                 kb.size() * sizeof(half), stream);
+      synchronize(stream);
+      snap.key_bounds.push_back(std::move(kb));
       snap.fills.push_back(i + 1 == table.size() ? m.tokens - static_cast<int>(i) * config_.block_tokens
                                                  : config_.block_tokens);
     }
@@ -796,6 +881,7 @@ class paged_kv {
   device_buffer<std::int32_t> tables_;
   device_buffer<state> entries_;
   device_buffer<half> sink_k_, sink_v_, window_k_, window_v_;
+  device_buffer<half> key_bounds_;  ///< [pool_blocks][2][head_dim]: key min, then max
   device_buffer<std::byte> scratch_;
 
   std::vector<std::uint32_t> refcount_;

@@ -12,7 +12,10 @@
 /// - `sink_k/v[(e * sink_tokens + r) * head_dim + c]`: the fp16 sink rows, oldest first;
 /// - `window_k/v[(e * window_capacity + r) * head_dim + c]`: the fp16 window, a ring of
 ///   `window_capacity` rows whose oldest row is `window_start`;
-/// - `pool[id * block_bytes ...]`: block `id`, in the layout `layout` (see layout.hpp).
+/// - `pool[id * block_bytes ...]`: block `id`, in the layout `layout` (see layout.hpp);
+/// - `key_bounds[(id * 2 + 0) * head_dim + c]` / `[(id * 2 + 1) * head_dim + c]`: block `id`'s
+///   per-channel min / max of its decoded keys in fp16 rounded outward, the host block pool's
+///   `key_min` / `key_max` (for query-aware block skipping, `attention/skip.hpp`).
 #pragma once
 
 #include <cstddef>
@@ -54,6 +57,7 @@ struct paged_kv_view {
   half* sink_v = nullptr;
   half* window_k = nullptr;
   half* window_v = nullptr;
+  half* key_bounds = nullptr;
   int layers = 0;
   int kv_heads = 0;
   int head_dim = 0;
