@@ -20,7 +20,8 @@
 /// head) into enough work items to fill the device, then `combine_kernel` merges them.
 ///
 /// Optional features run on the generic kernel for every format and layout (a call that asks
-/// for them never takes the tensor-core kernel; the generic kernel also reads both kinds of mma record):
+/// for them never takes the tensor-core kernel; the generic kernel also reads both kinds of mma
+/// record):
 /// - statistics (`options::want_stats`): pass a `gpu::decode_stats` of device arrays; it
 ///   receives the host backend's `kv_head_stats` quantities (`gpu::read_stats` copies them
 ///   into that struct, synchronizing). The logits of every token go through device scratch
@@ -213,7 +214,7 @@ void decode_impl(const paged_kv<KV>& cache, int layer, std::span<const slot_id> 
               "newer and a cache in the mma layout (FP2+ or FP2+ with per-channel keys, head_dim "
               "64 or 128)");
   // The generic kernel reads the native layout and both kinds of mma record
-  // (decode_generic.cuh, `decode_record`).
+  // (decode_generic.cuh: `decode_record`, `unpack_lm_record`), on CUDA and HIP alike.
 
   const int threads = 128;
   std::size_t smem = 0;
