@@ -197,15 +197,13 @@ struct token_keys {
   decltype(fpq_lut<C>()) lut;
   float head_factor;
   float factor() const noexcept { return head_factor; }
-  /// The codebook's levels (for the outliers' codes).
-  static float level(int q) noexcept {
-    static const auto levels = [] {
-      std::array<float, 16> l{};
-      for (int i = 0; i < T::levels; ++i) l[static_cast<std::size_t>(i)] = T::level(i);
-      return l;
-    }();
-    return levels[static_cast<std::size_t>(q)];
-  }
+  /// The codebook's levels (for the outliers' codes), a table built at compile time.
+  static constexpr std::array<float, T::levels> levels = [] {
+    std::array<float, T::levels> l{};
+    for (int i = 0; i < T::levels; ++i) l[static_cast<std::size_t>(i)] = T::level(i);
+    return l;
+  }();
+  static float level(int q) noexcept { return levels[static_cast<std::size_t>(q)]; }
 };
 
 template <class F>
