@@ -14,8 +14,9 @@
 /// a common shift of all logits (from q * scale rounded to fp16), which the output ignores.
 ///
 /// The same for the default FP2+ (`quant::fp2plus`, 128-token records of `mma_lm`, with key
-/// outliers, also with duplicate and out-of-range outlier indices), and the record layout's
-/// pack/unpack round trip on random bytes.
+/// outliers, also with duplicate and out-of-range outlier indices), the record layout's
+/// pack/unpack round trip on random bytes, and the paired key bit planes against their
+/// definition.
 ///
 /// Exit status: 0 all checks passed, 1 a check failed.
 
