@@ -14,8 +14,9 @@
 /// a common shift of all logits (from q * scale rounded to fp16), which the output ignores.
 ///
 /// The same for the default FP2+ (`quant::fp2plus`, 128-token records of `mma_lm`, with key
-/// outliers, also with duplicate and out-of-range outlier indices), and the record layout's
-/// pack/unpack round trip on random bytes.
+/// outliers, also with duplicate and out-of-range outlier indices), the record layout's
+/// pack/unpack round trip on random bytes, and the paired key bit planes against their
+/// definition.
 ///
 /// Exit status: 0 all checks passed, 1 a check failed.
 
@@ -346,6 +347,35 @@ int main() {
     std::printf("%s mma_lm record of head_dim %d: pack/unpack round trip of random bytes\n",
                 ok ? "ok  " : "FAIL", d);
     ++(ok ? passed : failed);
+  }
+  {
+    // planes_paired against its definition, on random code words: register r of parity x
+    // reads code j = 4 x + r (bits 2 j, 2 j + 1 of each half); odd r: A0 = 2 b0, A1 = 1 - 2 b1;
+    // even r: A0' = 2^-11 b0, A1' = 2^-7 b1 (fp16 values).
+    std::mt19937 gen(seed++);
+    int bad = 0;
+    for (int n = 0; n < 4096; ++n) {
+      const std::uint32_t word = static_cast<std::uint32_t>(gen());
+      for (int x = 0; x < 2; ++x) {
+        std::uint32_t a0[4], a1[4];
+        oscar::gpu::mma_lm::planes_paired(word, x, a0, a1);
+        for (int r = 0; r < 4; ++r) {
+          for (int e = 0; e < 2; ++e) {
+            const int code = static_cast<int>(word >> (2 * (4 * x + r) + 16 * e)) & 3;
+            const int b0 = code & 1, b1 = code >> 1;
+            const float v0 =
+                oscar::half_bits_to_float(static_cast<std::uint16_t>(a0[r] >> (16 * e)));
+            const float v1 =
+                oscar::half_bits_to_float(static_cast<std::uint16_t>(a1[r] >> (16 * e)));
+            const bool odd = (r & 1) != 0;
+            bad += v0 != (odd ? 2.0f * b0 : std::ldexp(static_cast<float>(b0), -11));
+            bad += v1 != (odd ? 1.0f - 2.0f * b1 : std::ldexp(static_cast<float>(b1), -7));
+          }
+        }
+      }
+    }
+    std::printf("%s mma_lm paired bit planes: %d mismatches\n", bad == 0 ? "ok  " : "FAIL", bad);
+    ++(bad == 0 ? passed : failed);
   }
   struct lm_case {
     int d, qpt, group, records;

@@ -21,6 +21,8 @@
 ///   22 bits): with 4 queries per tile the lo parts ride in the MMA's 4 spare columns (columns
 ///   4-7 hold the lo products of queries 0-3; one shuffle adds them), with 8 they take their own
 ///   MMAs. The biases sum_c q z and sum_c (q s) come from MMAs with A = ones, once per record.
+///   The key planes come from `planes_paired` (three shifts per code word instead of seven;
+///   the MMA rows 0-7 get planes scaled by powers of two that the epilogue undoes).
 /// - outliers (3 per channel and record, kept exactly in fp16): q_c (x - z - s L(code)) is added
 ///   to the token's logit through a per-warp correction table in shared memory, filled once per
 ///   record with integer atomics (32-bit fixed point scaled to the record) before the logits
@@ -128,6 +130,28 @@ OSCAR_HD_INLINE void load_words(const std::uint8_t* p, std::uint32_t (&w)[N]) no
   for (int i = 0; i < N; ++i) w[i] = mma::load_le32(p + 4 * i);
 #endif
 }
+
+/// `planes` with two shifts for four registers (keys): an odd register r (code j = 4 x + r, MMA
+/// rows 8-15) gets the planes above from bits 14 and 15 of the word shifted for j; the even
+/// register before it (code j - 1, rows 0-7) takes bits 12 and 13 of the same shifted word:
+/// A0' = 2^-11 b0 (fp16 bit 12 alone) and A1' = 2^-7 b1 (bit 13 alone), both exact. Rows 0-7
+/// thus give 2^-12 sum B A0 and 2^-7 sum B b1; `warp_record` starts their accumulators so that
+/// both sums stay centred and scales them back by `paired_scale0` and `paired_scale1`.
+OSCAR_HD_INLINE void planes_paired(std::uint32_t word, int x, std::uint32_t (&a0)[4],
+                                   std::uint32_t (&a1)[4]) noexcept {
+  OSCAR_UNROLL
+  for (int r = 1; r < 4; r += 2) {
+    const std::uint32_t s = word << (14 - 2 * (4 * x + r));
+    a0[r] = plane0(s);
+    a1[r] = plane1(s);
+    a0[r - 1] = s & 0x10001000u;
+    a1[r - 1] = s & 0x20002000u;
+  }
+}
+
+/// 2^12 and 2^8: rows 0-7 of a key product on `planes_paired`, started at -2^-12 sum B and
+/// -2^-8 sum B, hold 2^-12 sum B (A0 - 1) and -2^-8 sum B A1 (A1 = 1 - 2 b1).
+inline constexpr float paired_scale0 = 4096.0f, paired_scale1 = 256.0f;
 
 // ---- one warp's attention over records ---------------------------------------------------------
 
@@ -364,15 +388,19 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
       const int s = 4 * half + si;
       std::uint32_t kw[wpl];
       load_words<wpl>(rec + geo.key_codes + (s * 32 + lane) * wpl * 4, kw);
-      float acc0[4] = {minus_bs[0], minus_bs[1], minus_bs[2], minus_bs[3]};
-      float acc1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      // Rows 0-7 (i < 2) run on the scaled planes of `planes_paired` (3 shifts per code word
+      // instead of 7).
+      float acc0[4] = {minus_bs[0] * (1.0f / paired_scale0), minus_bs[1] * (1.0f / paired_scale0),
+                       minus_bs[2], minus_bs[3]};
+      float acc1[4] = {minus_bs[0] * (1.0f / paired_scale1), minus_bs[1] * (1.0f / paired_scale1),
+                       0.0f, 0.0f};
       OSCAR_UNROLL
       for (int wi = 0; wi < wpl; ++wi) {
         OSCAR_UNROLL
         for (int xi = 0; xi < 2; ++xi) {
           const int kk = 2 * wi + xi;
           std::uint32_t a0[4], a1[4];
-          planes(kw[wi], xi, a0, a1);
+          planes_paired(kw[wi], xi, a0, a1);
           w.mma(acc0, a0, b[kk][0], b[kk][1]);
           w.mma(acc1, a1, b[kk][0], b[kk][1]);
           if constexpr (lo_mmas) {
@@ -383,7 +411,10 @@ OSCAR_HOST_DEVICE void warp_record(Warp& w, warp_state<D, QPT>& st, const std::u
       }
       float pre[4];
       OSCAR_UNROLL
-      for (int i = 0; i < 4; ++i) pre[i] = bias[i] + k0 * acc0[i] + k1 * acc1[i];
+      for (int i = 0; i < 4; ++i) {
+        pre[i] = bias[i] + (i < 2 ? k0 * paired_scale0 : k0) * acc0[i] +
+                 (i < 2 ? -k1 * paired_scale1 : k1) * acc1[i];
+      }
       if constexpr (split) {
         OSCAR_UNROLL
         for (int i = 0; i < 4; ++i) pre[i] += w.shfl_xor(pre[i], 2);
