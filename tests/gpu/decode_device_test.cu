@@ -26,6 +26,8 @@
 
 #include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
 
+#include "device_test.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -57,38 +59,12 @@ using oscar::half;
 
 namespace {
 
-#if defined(OSCAR_GPU_RUNTIME_CUDA)
-using backend_tag = oscar::backend::cuda;
-#else
-using backend_tag = oscar::backend::hip;
-#endif
+using oscar_device_test::backend_tag;
+using oscar_device_test::report;
+using oscar_device_test::rng;
+using oscar_device_test::to_device;
+using oscar_device_test::to_host;
 
-struct report {
-  int passed = 0;
-  int failed = 0;
-  void check(bool ok, const std::string& what) {
-    std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-    ++(ok ? passed : failed);
-  }
-};
-
-std::mt19937_64 rng;
-
-/// Device copy of a host vector.
-template <class T>
-gpu::device_buffer<T> to_device(const std::vector<T>& x, gpu::stream_t s) {
-  gpu::device_buffer<T> d(x.size());
-  gpu::copy_async(d.data(), x.data(), x.size() * sizeof(T), s);
-  gpu::synchronize(s);
-  return d;
-}
-template <class T>
-std::vector<T> to_host(const gpu::device_buffer<T>& d, gpu::stream_t s) {
-  std::vector<T> x(d.size());
-  gpu::copy_async(x.data(), d.data(), d.bytes(), s);
-  gpu::synchronize(s);
-  return x;
-}
 
 // ---- PTX primitives vs their host emulation (CUDA) ---------------------------------------------
 
@@ -453,28 +429,8 @@ void run_case(report& r, const char* format, const shape& sh, gpu::stream_t s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  std::uint64_t seed = std::random_device{}();
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
-    if (std::strcmp(argv[i], "--seed") == 0 && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
-  }
-  try {
-    int devices = 0;
-#if defined(OSCAR_GPU_RUNTIME_HIP)
-    const bool have = hipGetDeviceCount(&devices) == hipSuccess && devices > 0;
-#else
-    const bool have = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
-#endif
-    if (!have) {
-      std::printf("SKIPPED: no GPU device\n");
-      return 77;
-    }
-    std::printf("device: %s; seed %llu%s\n", gpu::current_device().name.c_str(),
-                static_cast<unsigned long long>(seed), quick ? " (quick)" : "");
-    rng.seed(seed);
-    report r;
-    gpu::stream s;
+  return oscar_device_test::device_test_main(argc, argv, [](report& r, gpu::stream& s,
+                                                              bool quick) {
 #if defined(OSCAR_GPU_RUNTIME_CUDA)
     check_primitives(r, s);
 #endif
@@ -500,13 +456,5 @@ int main(int argc, char** argv) {
       run_case<q::fp2plus_kh>(r, "fp2plus-kh", {64, 2, 2, 16, 4, 32, {1, 40, 333}, 2}, s);
       run_case<q::fp4plus>(r, "fp4plus", {64, 4, 1, 32, 2, 16, {9, 99, 999}, 3}, s);
     }
-    std::printf("%d passed, %d failed\n", r.passed, r.failed);
-    return r.failed == 0 ? 0 : 1;
-  } catch (const oscar::error& e) {
-    std::printf("ERROR: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::printf("ERROR: %s\n", e.what());
-    return 2;
-  }
+  });
 }

@@ -25,6 +25,8 @@
 
 #include "oscar/backend/gpu/runtime.cuh"  // first: the vendor runtime defines __host__ etc.
 
+#include "device_test.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -52,37 +54,12 @@ using oscar::half;
 
 namespace {
 
-#if defined(OSCAR_GPU_RUNTIME_CUDA)
-using backend_tag = oscar::backend::cuda;
-#else
-using backend_tag = oscar::backend::hip;
-#endif
+using oscar_device_test::backend_tag;
+using oscar_device_test::report;
+using oscar_device_test::rng;
+using oscar_device_test::to_device;
+using oscar_device_test::to_host;
 
-struct report {
-  int passed = 0;
-  int failed = 0;
-  void check(bool ok, const std::string& what) {
-    std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-    ++(ok ? passed : failed);
-  }
-};
-
-std::mt19937_64 rng;
-
-template <class T>
-gpu::device_buffer<T> upload(const std::vector<T>& x, gpu::stream_t s) {
-  gpu::device_buffer<T> d(x.size());
-  gpu::copy_async(d.data(), x.data(), x.size() * sizeof(T), s);
-  gpu::synchronize(s);
-  return d;
-}
-template <class T>
-std::vector<T> download(const gpu::device_buffer<T>& d, gpu::stream_t s) {
-  std::vector<T> x(d.size());
-  gpu::copy_async(x.data(), d.data(), d.bytes(), s);
-  gpu::synchronize(s);
-  return x;
-}
 
 struct shape {
   int head_dim;
@@ -178,7 +155,7 @@ struct twin {
                     oscar::make_kv_view<const half>(k.data() + at, tokens, H, d),
                     oscar::make_kv_view<const half>(v.data() + at, tokens, H, d));
       }
-      auto dk = upload(k, s), dv = upload(v, s);
+      auto dk = to_device(k, s), dv = to_device(v, s);
       std::vector<gpu::slot_id> batch;
       for (int i : which) batch.push_back(slots[static_cast<std::size_t>(i)]);
       for (auto& c : devs) c->append(std::span<const gpu::slot_id>(batch), l, dk.data(), dv.data(), tokens, s);
@@ -381,8 +358,8 @@ std::vector<float> device_decode(gpu::paged_kv<KV>& c, std::span<const gpu::slot
   att::decode(backend_tag{}, c, 1, slots, dq.data(), out.data(), opt, ws, s, {},
               opt.want_stats ? &ds : nullptr);
   if (stats) *stats = gpu::read_stats(c, 1, slots, ds, s);
-  if (raw_mass) *raw_mass = download(mass, s);
-  return download(out, s);
+  if (raw_mass) *raw_mass = to_host(mass, s);
+  return to_host(out, s);
 }
 
 /// 2. and 3.: statistics, and block skipping when the shape's cache has far keys.
@@ -407,7 +384,7 @@ void check_decode(report& r, const char* format, const shape& sh, bool far_range
   tw.fill(s);
   const int batch = static_cast<int>(tw.seqs.size()), qh = H * G;
   const std::vector<float> qv = make_queries(batch, H, G, d, tw.far);
-  const auto dq = upload(qv, s);
+  const auto dq = to_device(qv, s);
   std::size_t longest = 0;
   for (std::size_t i = 0; i < tw.seqs.size(); ++i)
     for (int h = 0; h < H; ++h)
@@ -525,7 +502,7 @@ void check_refusals(report& r, gpu::stream_t s) {
   twin<KV> tw(sh, s);
   tw.fill(s);
   const std::vector<float> qv = make_queries(static_cast<int>(tw.seqs.size()), 2, 2, 64, tw.far);
-  const auto dq = upload(qv, s);
+  const auto dq = to_device(qv, s);
   gpu::device_buffer<float> out(qv.size());
   gpu::decode_workspace ws;
   const std::span<const gpu::slot_id> slots(tw.slots);
@@ -554,28 +531,8 @@ void check_refusals(report& r, gpu::stream_t s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  std::uint64_t seed = std::random_device{}();
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
-    if (std::strcmp(argv[i], "--seed") == 0 && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
-  }
-  try {
-    int devices = 0;
-#if defined(OSCAR_GPU_RUNTIME_HIP)
-    const bool have = hipGetDeviceCount(&devices) == hipSuccess && devices > 0;
-#else
-    const bool have = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
-#endif
-    if (!have) {
-      std::printf("SKIPPED: no GPU device\n");
-      return 77;
-    }
-    std::printf("device: %s; seed %llu%s\n", gpu::current_device().name.c_str(),
-                static_cast<unsigned long long>(seed), quick ? " (quick)" : "");
-    rng.seed(seed);
-    report r;
-    gpu::stream s;
+  return oscar_device_test::device_test_main(argc, argv, [](report& r, gpu::stream& s,
+                                                              bool quick) {
     check_refusals(r, s);
     if (quick) {  // small shapes for compute-sanitizer: every kernel and path, few blocks
       check_append<q::fp2plus>(r, "fp2plus", {128, 2, 4, 128, 4, 64, {1, 400}, 2}, s);
@@ -600,13 +557,5 @@ int main(int argc, char** argv) {
       check_decode<q::fp2plus_kc>(r, "fp2plus-kc", {64, 2, 16, 128, 2, 128, {64, 900}, 2}, false, s);
       check_decode<q::fp4plus>(r, "fp4plus", {64, 4, 2, 32, 2, 16, {9, 999}, 3}, true, s);
     }
-    std::printf("%d passed, %d failed\n", r.passed, r.failed);
-    return r.failed == 0 ? 0 : 1;
-  } catch (const oscar::error& e) {
-    std::printf("ERROR: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::printf("ERROR: %s\n", e.what());
-    return 2;
-  }
+  });
 }
